@@ -1,0 +1,1 @@
+"""Checkpoint conversion between VirTex, torchvision and Detectron2 layouts."""

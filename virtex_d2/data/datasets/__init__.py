@@ -1,0 +1,1 @@
+"""Dataset registration and loaders (COCO Captions, synthetic shapes)."""

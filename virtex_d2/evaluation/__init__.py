@@ -1,0 +1,1 @@
+"""Evaluators, chosen by a dataset's evaluator_type in build.py."""

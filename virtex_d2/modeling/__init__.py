@@ -1,0 +1,1 @@
+"""Meta-architectures, backbones and textual heads (registered on import)."""
