@@ -1,1 +1,3 @@
-"""Trainer and training utilities."""
+"""Trainer and launcher shared by pretraining and downstream fine-tuning."""
+from .launch import launch  # noqa: F401
+from .trainer import Trainer  # noqa: F401

@@ -1,1 +1,4 @@
 """Meta-architectures, backbones and textual heads (registered on import)."""
+from . import backbone  # noqa: F401  (registers build_virtex_resnet_backbone)
+from .meta_arch import VirTex  # noqa: F401  (registers the VirTex meta-architecture)
+from .textual_head import TEXTUAL_HEAD_REGISTRY, build_textual_head  # noqa: F401

@@ -1,0 +1,156 @@
+"""Dataset mapper for VirTex pretraining: image augmentation plus the targets of every task.
+
+Input: a caption dataset record ``{"file_name", "image_id", "height", "width",
+"captions": [str, ...], optional "labels": [int, ...]}``. Output (one dict per image; padding
+to a batch happens in the meta-architecture, like ``ImageList`` for images):
+
+- ``image``: uint8 tensor (3, S, S) in ``INPUT.FORMAT`` (RGB for VirTex),
+- ``caption``: the chosen caption (words "left"/"right" swapped if the image was flipped),
+- ``caption_tokens``: int64 (L,) = [SOS] t_1 ... t_n [EOS], L <= MAX_CAPTION_LENGTH,
+- ``noitpac_tokens`` (bicaptioning): [SOS] t_n ... t_1 [EOS] for the backward decoder,
+- ``masked_tokens``/``mlm_labels`` (masked LM): corrupted input and targets (0 = not predicted),
+- ``token_bag`` (token classification): int64 ids of the distinct caption tokens,
+- ``labels`` (multilabel classification): int64 class indices present in the image.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .tokenizer import EOS_ID, MASK_ID, SOS_ID, CaptionTokenizer
+from .transforms import CenterCrop, ColorJitter, RandomResizedCrop, swap_left_right, was_flipped
+from .vocabulary import resolve_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def build_caption_augmentations(cfg, is_train: bool) -> list[T.Augmentation]:
+    """The paper's pretraining (train) or evaluation (resize + centre crop) augmentations."""
+    v = cfg.INPUT.VIRTEX
+    if not is_train:
+        return [T.ResizeShortestEdge(v.TEST_RESIZE, max_size=10**6), CenterCrop(v.TEST_CROP_SIZE)]
+    j = v.COLOR_JITTER
+    augs: list[T.Augmentation] = [RandomResizedCrop(v.CROP_SIZE, v.CROP_SCALE, v.CROP_RATIO)]
+    if v.HFLIP_PROBABILITY > 0:
+        augs.append(T.RandomFlip(prob=v.HFLIP_PROBABILITY, horizontal=True, vertical=False))
+    if j.PROBABILITY > 0:
+        augs.append(ColorJitter(j.BRIGHTNESS, j.CONTRAST, j.SATURATION, j.HUE, j.PROBABILITY))
+    return augs
+
+
+def mask_tokens(
+    tokens: list[int], vocab_size: int, mask_prob: float, mask_token_prob: float,
+    replace_prob: float, rng: np.random.RandomState | None = None,
+) -> tuple[list[int], list[int]]:
+    """BERT masking of the caption body (never [SOS]/[EOS]); at least one token is selected.
+
+    Returns (corrupted tokens, labels) where labels are 0 except at selected positions.
+    """
+    rng = rng or np.random
+    body = np.arange(1, len(tokens) - 1)
+    labels = [0] * len(tokens)
+    corrupted = list(tokens)
+    if len(body) == 0:
+        return corrupted, labels
+    selected = body[rng.uniform(size=len(body)) < mask_prob]
+    if len(selected) == 0:
+        selected = np.array([rng.choice(body)])
+    for pos in selected:
+        labels[pos] = tokens[pos]
+        r = rng.uniform()
+        if r < mask_token_prob:
+            corrupted[pos] = MASK_ID
+        elif r < mask_token_prob + replace_prob:
+            # Random ordinary token: special ids (< 4) are never sampled.
+            corrupted[pos] = int(rng.randint(4, vocab_size))
+    return corrupted, labels
+
+
+class CaptionDatasetMapper:
+    """Maps a caption record to model inputs; see the module docstring for the output."""
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        augmentations: list[T.Augmentation],
+        tokenizer: CaptionTokenizer,
+        task: str,
+        max_caption_length: int = 30,
+        image_format: str = "RGB",
+        mlm_probabilities: tuple[float, float, float] = (0.15, 0.8, 0.1),
+    ):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.tokenizer = tokenizer
+        self.task = task
+        self.max_caption_length = max_caption_length
+        self.image_format = image_format
+        self.mlm_probabilities = mlm_probabilities
+        self.vocab_size = tokenizer.get_vocab_size()
+        logger.info(f"CaptionDatasetMapper ({'train' if is_train else 'test'}): {augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> dict[str, Any]:
+        m = cfg.MODEL.VIRTEX
+        return {
+            "is_train": is_train,
+            "augmentations": build_caption_augmentations(cfg, is_train),
+            "tokenizer": resolve_tokenizer(cfg),
+            "task": m.TASK,
+            "max_caption_length": m.MAX_CAPTION_LENGTH,
+            "image_format": cfg.INPUT.FORMAT,
+            "mlm_probabilities": (
+                m.MLM.MASK_PROBABILITY, m.MLM.MASK_TOKEN_PROBABILITY, m.MLM.REPLACE_PROBABILITY
+            ),
+        }
+
+    def tokenize(self, caption: str) -> list[int]:
+        body = self.tokenizer.encode(caption)[: self.max_caption_length - 2]
+        return [SOS_ID, *body, EOS_ID]
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        d = copy.deepcopy(dataset_dict)
+        image = utils.read_image(d["file_name"], format=self.image_format)
+        utils.check_image_size(d, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        captions = d.pop("captions", None)
+        if not captions:
+            raise ValueError(f"record for {d.get('file_name')} has no captions")
+        # Training samples one of the captions per visit; evaluation is deterministic.
+        caption = captions[np.random.randint(len(captions))] if self.is_train else captions[0]
+        if was_flipped(transforms):
+            caption = swap_left_right(caption)
+        d["caption"] = caption
+        tokens = self.tokenize(caption)
+        d["caption_tokens"] = torch.tensor(tokens, dtype=torch.long)
+        if self.task == "bicaptioning":
+            d["noitpac_tokens"] = torch.tensor(
+                [SOS_ID, *tokens[-2:0:-1], EOS_ID], dtype=torch.long
+            )
+        elif self.task == "masked_lm":
+            masked, labels = mask_tokens(tokens, self.vocab_size, *self.mlm_probabilities)
+            d["masked_tokens"] = torch.tensor(masked, dtype=torch.long)
+            d["mlm_labels"] = torch.tensor(labels, dtype=torch.long)
+        elif self.task == "token_classification":
+            d["token_bag"] = torch.tensor(sorted(set(tokens[1:-1])), dtype=torch.long)
+        if "labels" in d:
+            d["labels"] = torch.as_tensor(d["labels"], dtype=torch.long)
+        elif self.task == "multilabel_classification":
+            raise ValueError(
+                f"record for {d.get('file_name')} has no 'labels': multilabel classification "
+                "needs a caption dataset registered with its instances json"
+            )
+        return d

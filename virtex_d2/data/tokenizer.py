@@ -1,0 +1,118 @@
+"""Sub-word caption tokenizer (HF `tokenizers` Unigram model, SentencePiece-style spaces).
+
+Special ids follow the paper: [UNK] and padding share id 0, [SOS] 1, [EOS] 2, [MASK] 3.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[UNK]", "[SOS]", "[EOS]", "[MASK]")
+PAD_ID, UNK_ID, SOS_ID, EOS_ID, MASK_ID = 0, 0, 1, 2, 3
+
+
+def _read_captions(captions_json: str | os.PathLike) -> Iterator[str]:
+    with open(captions_json) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "annotations" not in data:
+        raise ValueError(
+            f"{captions_json} is not a COCO captions file: expected a json object with an "
+            "'annotations' list of {'image_id', 'caption'} records"
+        )
+    for ann in data["annotations"]:
+        caption = ann.get("caption")
+        if isinstance(caption, str) and caption.strip():
+            yield caption
+
+
+def train_vocabulary(
+    captions_jsons: Iterable[str | os.PathLike], vocab_size: int, output: str | os.PathLike
+) -> "CaptionTokenizer":
+    """Learn a lower-cased sub-word vocabulary of ``vocab_size`` units from COCO caption files.
+
+    The file is written atomically (temporary file, then rename) so concurrent readers never
+    see a partial vocabulary.
+    """
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Strip()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        unk_token="[UNK]",
+        show_progress=False,
+    )
+    captions = [c for path in captions_jsons for c in _read_captions(path)]
+    if not captions:
+        raise ValueError(f"no non-empty captions found in {list(map(str, captions_jsons))}")
+    tok.train_from_iterator(captions, trainer=trainer, length=len(captions))
+    for i, name in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(name) != i:
+            raise RuntimeError(f"special token {name} got id {tok.token_to_id(name)}, expected {i}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, output)
+    logger.info(
+        "Wrote a %d-token vocabulary learned from %d captions to %s",
+        tok.get_vocab_size(), len(captions), output,
+    )
+    return CaptionTokenizer(output)
+
+
+class CaptionTokenizer:
+    """Wraps a saved `tokenizers` json; picklable so data-loader workers can carry it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(
+                f"tokenizer file {self.path} does not exist: build one with "
+                "`python tools/build_vocabulary.py --captions CAPTIONS.json --vocab-size N "
+                "--output FILE` and point MODEL.VIRTEX.TOKENIZER at it"
+            )
+        self._tok = Tokenizer.from_file(self.path)
+        for i, name in enumerate(SPECIAL_TOKENS):
+            if self._tok.token_to_id(name) != i:
+                raise ValueError(
+                    f"{self.path}: special token {name} must have id {i}, has "
+                    f"{self._tok.token_to_id(name)}; rebuild it with tools/build_vocabulary.py"
+                )
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "json": self._tok.to_str()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._tok = Tokenizer.from_str(state["json"])
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def get_vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; special tokens (padding included) are dropped."""
+        return self._tok.decode([int(i) for i in ids if int(i) >= len(SPECIAL_TOKENS)])
+
+    def id_to_token(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)

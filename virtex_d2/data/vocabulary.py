@@ -1,0 +1,53 @@
+"""Finds (and for the synthetic data, builds) the tokenizer a config points at."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .tokenizer import CaptionTokenizer, train_vocabulary
+
+logger = logging.getLogger("virtex_d2")
+
+SYNTHETIC_SCHEME = "synthetic://"
+
+
+def datasets_root() -> Path:
+    """``$DETECTRON2_DATASETS`` (default ``./datasets``), read at call time."""
+    return Path(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
+
+
+def synthetic_vocabulary_path(vocab_size: int) -> Path:
+    return datasets_root() / "synthetic" / f"vocab_{vocab_size}.json"
+
+
+def ensure_synthetic_vocabulary(vocab_size: int) -> Path:
+    """Build the synthetic captions' vocabulary on first use (and the data, if missing)."""
+    path = synthetic_vocabulary_path(vocab_size)
+    if path.is_file():
+        return path
+    from .datasets.synthetic import ensure_synthetic_dataset
+
+    root = Path(ensure_synthetic_dataset(str(datasets_root() / "synthetic")))
+    logger.info(f"Building the synthetic captions vocabulary ({vocab_size} tokens) at {path}")
+    train_vocabulary([root / "annotations" / "captions_train.json"], vocab_size, path)
+    return path
+
+
+def resolve_tokenizer(cfg) -> CaptionTokenizer:
+    """The tokenizer of ``cfg.MODEL.VIRTEX.TOKENIZER``; checks it agrees with VOCAB_SIZE."""
+    name = cfg.MODEL.VIRTEX.TOKENIZER
+    size = cfg.MODEL.VIRTEX.VOCAB_SIZE
+    if name.startswith(SYNTHETIC_SCHEME):
+        path = ensure_synthetic_vocabulary(size)
+    else:
+        path = Path(name)
+    tok = CaptionTokenizer(path)
+    if tok.get_vocab_size() != size:
+        raise ValueError(
+            f"MODEL.VIRTEX.VOCAB_SIZE is {size} but the tokenizer {path} has "
+            f"{tok.get_vocab_size()} tokens; set MODEL.VIRTEX.VOCAB_SIZE {tok.get_vocab_size()} "
+            "or rebuild the vocabulary with tools/build_vocabulary.py --vocab-size "
+            f"{size}"
+        )
+    return tok

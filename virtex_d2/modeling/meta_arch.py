@@ -1,0 +1,246 @@
+"""The VirTex meta-architecture: a visual backbone trained by one of five pretraining tasks.
+
+Detectron2 contract: ``forward(batched_inputs: list[dict])``; in training it returns a dict of
+scalar losses, in eval a list of per-image predictions (``{"caption": str, "tokens": list}``
+for the captioning tasks, ``{"scores": Tensor(K)}`` for the classification tasks).
+Each input dict comes from ``CaptionDatasetMapper``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList
+from torch import nn
+
+from ..config import PRETRAINING_TASKS
+from ..data.tokenizer import EOS_ID, PAD_ID, SOS_ID
+from .decoding import beam_search, greedy_decode, nucleus_sample
+from .textual_head import build_textual_head
+
+
+def pad_tokens(seqs: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Right-pad variable-length token tensors with PAD_ID: -> (B, L_max)."""
+    return nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=PAD_ID).to(device)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy against a multi-hot target normalised to a distribution.
+
+    logits, targets: (B, K). Rows without any target contribute zero.
+    """
+    dist = targets / targets.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return -(dist * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+@META_ARCH_REGISTRY.register()
+class VirTex(nn.Module):
+    """Visual backbone + task head. ``task`` is one of ``PRETRAINING_TASKS``."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        task: str,
+        textual_head: Optional[nn.Module] = None,
+        classifier: Optional[nn.Module] = None,
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
+        tokenizer=None,
+        decoder: str = "beam",
+        beam_size: int = 5,
+        max_decode_length: int = 30,
+        length_penalty: float = 0.0,
+        top_p: float = 0.9,
+        seed: int = 0,
+        use_cache: bool = True,
+    ):
+        super().__init__()
+        if task not in PRETRAINING_TASKS:
+            raise ValueError(f"MODEL.VIRTEX.TASK must be one of {PRETRAINING_TASKS}, got {task!r}")
+        if decoder not in ("beam", "greedy", "nucleus"):
+            raise ValueError(f"MODEL.VIRTEX.DECODER.NAME must be beam/greedy/nucleus, got {decoder!r}")
+        self.backbone = backbone
+        self.task = task
+        self.textual_head = textual_head
+        self.classifier = classifier
+        self.tokenizer = tokenizer
+        self.decoder, self.beam_size, self.max_decode_length = decoder, beam_size, max_decode_length
+        self.length_penalty, self.top_p, self.seed = length_penalty, top_p, seed
+        self.use_cache = use_cache
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        from ..data.vocabulary import resolve_tokenizer
+
+        v = cfg.MODEL.VIRTEX
+        backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        out = backbone.output_shape()
+        if list(out) != ["res5"] and len(out) != 1:
+            raise ValueError(f"VirTex uses one visual grid; set MODEL.RESNETS.OUT_FEATURES ['res5'], got {list(out)}")
+        channels = next(iter(out.values())).channels
+        args = {
+            "backbone": backbone,
+            "task": v.TASK,
+            "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
+            "decoder": v.DECODER.NAME,
+            "beam_size": v.DECODER.BEAM_SIZE,
+            "max_decode_length": min(v.DECODER.MAX_LENGTH, v.MAX_CAPTION_LENGTH),
+            "length_penalty": v.DECODER.LENGTH_PENALTY,
+            "top_p": v.DECODER.TOP_P,
+            "seed": v.DECODER.SEED,
+            "use_cache": v.DECODER.USE_CACHE,
+        }
+        if v.TASK in ("bicaptioning", "captioning", "masked_lm"):
+            args["textual_head"] = build_textual_head(
+                cfg, channels, num_directions=2 if v.TASK == "bicaptioning" else 1
+            )
+            # Needed to turn generated ids into text (and checks VOCAB_SIZE against it).
+            args["tokenizer"] = resolve_tokenizer(cfg)
+        elif v.TASK == "token_classification":
+            args["classifier"] = nn.Linear(channels, v.VOCAB_SIZE)
+        else:
+            # Index 0 is reserved (never a target), as in the reference's 2048 -> 81 layer.
+            args["classifier"] = nn.Linear(channels, v.NUM_MULTILABEL_CLASSES + 1)
+        return args
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def visual_features(self, batched_inputs: list[dict]) -> torch.Tensor:
+        """Normalised images -> the backbone's last grid (B, C, h, w)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        images = ImageList.from_tensors(images, 0)
+        features = self.backbone(images.tensor)
+        return next(iter(features.values()))
+
+    def forward(self, batched_inputs: list[dict]):
+        features = self.visual_features(batched_inputs)
+        if self.training:
+            return self.losses(features, batched_inputs)
+        return self.inference(features, batched_inputs)
+
+    # ----------------------------------------------------------------------------- training
+    def _caption_loss(self, visual, tokens: torch.Tensor, direction: int) -> torch.Tensor:
+        """Next-token cross-entropy; tokens (B, L) with [SOS] first. Logits are computed only
+        at non-padding targets (the 10K-way output layer dominates the head's cost)."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        memory = self.textual_head.memory(visual, direction)
+        hidden, _ = self.textual_head(
+            inputs, memory, direction, causal=True, key_padding=inputs == PAD_ID
+        )
+        keep = targets != PAD_ID
+        logits = self.textual_head.logits(hidden[keep])
+        return F.cross_entropy(logits, targets[keep])
+
+    def losses(self, features: torch.Tensor, batched_inputs: list[dict]) -> dict:
+        device = self.device
+        if self.task in ("bicaptioning", "captioning"):
+            visual = self.textual_head.project_visual(features)
+            tokens = pad_tokens([x["caption_tokens"] for x in batched_inputs], device)
+            losses = {"loss_caption_forward": self._caption_loss(visual, tokens, 0)}
+            if self.task == "bicaptioning":
+                back = pad_tokens([x["noitpac_tokens"] for x in batched_inputs], device)
+                losses["loss_caption_backward"] = self._caption_loss(visual, back, 1)
+            return losses
+        if self.task == "masked_lm":
+            visual = self.textual_head.project_visual(features)
+            tokens = pad_tokens([x["masked_tokens"] for x in batched_inputs], device)
+            labels = pad_tokens([x["mlm_labels"] for x in batched_inputs], device)
+            memory = self.textual_head.memory(visual, 0)
+            hidden, _ = self.textual_head(tokens, memory, 0, causal=False,
+                                          key_padding=tokens == PAD_ID)
+            keep = labels != PAD_ID
+            logits = self.textual_head.logits(hidden[keep])
+            return {"loss_masked_lm": F.cross_entropy(logits, labels[keep])}
+        pooled = features.mean(dim=(2, 3))
+        logits = self.classifier(pooled)
+        key = "token_bag" if self.task == "token_classification" else "labels"
+        targets = torch.zeros_like(logits)
+        for i, x in enumerate(batched_inputs):
+            idx = x[key].to(device)
+            if key == "labels":
+                idx = idx + 1  # shift past the reserved index 0
+            targets[i, idx] = 1.0
+        return {f"loss_{self.task}": soft_target_cross_entropy(logits, targets)}
+
+    # ---------------------------------------------------------------------------- inference
+    def inference(self, features: torch.Tensor, batched_inputs: list[dict]) -> list[dict]:
+        if self.task in ("bicaptioning", "captioning"):
+            token_lists = self.generate(features)
+            return [
+                {"caption": self.tokenizer.decode(t), "tokens": t} for t in token_lists
+            ]
+        if self.task == "masked_lm":
+            # A bidirectional model cannot generate captions; nothing to predict per image.
+            return [{} for _ in batched_inputs]
+        scores = self.classifier(features.mean(dim=(2, 3))).softmax(dim=1)
+        if self.task == "multilabel_classification":
+            scores = scores[:, 1:]
+        return [{"scores": s} for s in scores]
+
+    def make_step(self, visual: torch.Tensor, use_cache: bool, need_weights: bool = False,
+                  attention_log: Optional[list] = None):
+        """Step and reorder functions for the decoders over visual tokens (N, n_grid, H).
+
+        With ``use_cache`` only the newest token is fed and earlier keys/values are reused;
+        otherwise the whole prefix is recomputed every step (the reference behaviour).
+        """
+        head = self.textual_head
+        memory = head.memory(visual, 0)
+        caches = [dict() for _ in memory] if use_cache else None
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            if use_cache:
+                t = tokens.shape[1] - 1
+                hidden, weights = head(tokens[:, -1:], memory, 0, caches=caches,
+                                       start_position=t, need_weights=need_weights)
+            else:
+                hidden, weights = head(tokens, memory, 0, causal=True, need_weights=need_weights)
+            if attention_log is not None:
+                # (layers, N, heads, n_grid) for the newest position.
+                attention_log.append(torch.stack([w[:, :, -1] for w in weights]))
+            return F.log_softmax(head.logits(hidden[:, -1]).float(), dim=-1)
+
+        def reorder(rows: torch.Tensor) -> None:
+            if caches is not None:
+                for c in caches:
+                    c["k"], c["v"] = c["k"][rows], c["v"][rows]
+            if attention_log:
+                attention_log[:] = [a[:, rows] for a in attention_log]
+
+        return step, reorder
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, decoder: Optional[str] = None,
+                 use_cache: Optional[bool] = None, attention_log: Optional[list] = None
+                 ) -> list[list[int]]:
+        """Captions (token ids without [SOS]/[EOS]) for a grid (B, C, h, w), left to right."""
+        decoder = decoder or self.decoder
+        use_cache = self.use_cache if use_cache is None else use_cache
+        visual = self.textual_head.project_visual(features)
+        b = visual.shape[0]
+        common = dict(sos=SOS_ID, eos=EOS_ID, max_length=self.max_decode_length,
+                      device=visual.device)
+        need_weights = attention_log is not None
+        if decoder == "beam":
+            visual = visual.repeat_interleave(self.beam_size, dim=0)
+            step, reorder = self.make_step(visual, use_cache, need_weights, attention_log)
+            tokens, _ = beam_search(step, reorder, b, self.beam_size,
+                                    length_penalty=self.length_penalty, **common)
+            return tokens
+        step, _ = self.make_step(visual, use_cache, need_weights, attention_log)
+        if decoder == "greedy":
+            return greedy_decode(step, b, **common)
+        gen = torch.Generator(device=visual.device).manual_seed(self.seed)
+        return nucleus_sample(step, b, top_p=self.top_p, generator=gen, **common)

@@ -1,0 +1,92 @@
+"""Pretraining optimiser: SGD with two learning rates, selective weight decay, global
+gradient-norm clipping and Lookahead, as one ``torch.optim.Optimizer``.
+
+Keeping Lookahead's slow weights and step counter inside the optimiser's own ``state`` and
+``param_groups`` means Detectron2's checkpointer saves and restores them with no extra code, and
+``GradScaler.step`` (AMP) unscales gradients before the clipping inside ``step`` sees them.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+
+class LookaheadSGD(torch.optim.SGD):
+    """SGD whose ``step`` first clips the global gradient norm, then every ``k`` steps moves
+    slow weights ``alpha`` of the way to the fast ones and resets the fast weights to them."""
+
+    def __init__(self, params, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 nesterov: bool = False, clip_grad_norm: float = 0.0,
+                 lookahead_alpha: float = 0.5, lookahead_steps: int = 0,
+                 foreach: bool | None = None):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         nesterov=nesterov, foreach=foreach)
+        if lookahead_steps < 0 or not 0.0 < lookahead_alpha <= 1.0:
+            raise ValueError(f"bad Lookahead settings: alpha={lookahead_alpha}, k={lookahead_steps}")
+        self.clip_grad_norm = clip_grad_norm
+        self.lookahead_alpha = lookahead_alpha
+        self.lookahead_steps = lookahead_steps
+        for group in self.param_groups:
+            group.setdefault("lookahead_counter", 0)
+            if lookahead_steps:
+                for p in group["params"]:
+                    # Slow weights start at the initial weights.
+                    self.state[p]["lookahead_slow"] = p.detach().clone()
+        self.last_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.clip_grad_norm > 0:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norm = nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            self.last_grad_norm = float(norm)
+        loss = super().step(closure)
+        if self.lookahead_steps:
+            self._lookahead()
+        return loss
+
+    def _lookahead(self) -> None:
+        for group in self.param_groups:
+            group["lookahead_counter"] += 1
+            sync = group["lookahead_counter"] % self.lookahead_steps == 0
+            if not sync:
+                continue
+            for p in group["params"]:
+                slow = self.state[p]["lookahead_slow"]
+                slow.add_(p.detach() - slow, alpha=self.lookahead_alpha)
+                p.copy_(slow)
+
+
+def virtex_param_groups(model: nn.Module, base_lr: float, textual_lr: float,
+                        weight_decay: float, no_decay_pattern: str) -> list[dict]:
+    """Backbone parameters at ``base_lr``; every other parameter (textual head, projections,
+    classifiers) at ``textual_lr``; no weight decay where the name matches ``no_decay_pattern``.
+    Tied parameters appear once."""
+    no_decay = re.compile(no_decay_pattern) if no_decay_pattern else None
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = base_lr if name.startswith("backbone.") else textual_lr
+        wd = 0.0 if no_decay is not None and no_decay.search(name) else weight_decay
+        groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def build_virtex_optimizer(cfg, model: nn.Module) -> LookaheadSGD:
+    s = cfg.SOLVER
+    v = s.VIRTEX
+    groups = virtex_param_groups(model, s.BASE_LR, v.TEXTUAL_LR, s.WEIGHT_DECAY,
+                                 v.NO_DECAY_PATTERN)
+    return LookaheadSGD(
+        groups,
+        lr=s.BASE_LR,
+        momentum=s.MOMENTUM,
+        nesterov=s.NESTEROV,
+        clip_grad_norm=v.CLIP_GRAD_NORM,
+        lookahead_alpha=v.LOOKAHEAD.ALPHA,
+        lookahead_steps=v.LOOKAHEAD.STEPS if v.LOOKAHEAD.ENABLED else 0,
+        foreach=True if v.FOREACH else None,
+    )
