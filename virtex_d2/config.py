@@ -101,7 +101,9 @@ def add_virtex_config(cfg: CN) -> None:
     _C.SOLVER.VIRTEX.TEXTUAL_LR = 0.001
     # Parameters whose name matches this regex get no weight decay (the paper: norms and biases
     # of the textual embedding and transformer).
-    _C.SOLVER.VIRTEX.NO_DECAY_PATTERN = r"^textual_head\.(embedding|transformer|decoder)\S*(norm|bias)"
+    _C.SOLVER.VIRTEX.NO_DECAY_PATTERN = (
+        r"^textual_head\.(embedding|transformer|backward_transformer)\.\S*(norm|bias)"
+    )
     # Lookahead (Zhang et al. 2019) around SGD: slow weights move ALPHA towards the fast ones
     # every STEPS iterations.
     _C.SOLVER.VIRTEX.LOOKAHEAD = CN()

@@ -1,0 +1,59 @@
+"""Shared builders for tests (not a test module)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from detectron2.config import get_cfg
+
+import virtex_d2
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+COCO_TINY = SHARED / "data" / "coco_tiny"
+
+WORDS = ("a red circle left of a blue square above the green triangle right big small two "
+         "three yellow star bright rights on table dog cat sitting near").split()
+
+
+def write_captions_json(path: Path, captions: list[str]) -> Path:
+    """A COCO captions file with one image per caption."""
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 64}
+              for i in range(len(captions))]
+    anns = [{"id": i, "image_id": i, "caption": c} for i, c in enumerate(captions)]
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return path
+
+
+def make_tokenizer(tmp_path: Path, vocab_size: int = 64):
+    from virtex_d2.data.tokenizer import train_vocabulary
+
+    import random
+
+    rng = random.Random(0)
+    captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(400)]
+    cap = write_captions_json(tmp_path / "caps.json", captions)
+    return train_vocabulary([cap], vocab_size, tmp_path / f"vocab_{vocab_size}.json")
+
+
+def virtex_cfg(task: str = "bicaptioning", depth: int = 18, layers: int = 1, hidden: int = 64,
+               tokenizer_path: str = "", vocab_size: int = 64):
+    """A small CPU VirTex config (no datasets)."""
+    cfg = get_cfg()
+    virtex_d2.add_virtex_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "pretrain" / "Base-VirTex.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = depth
+    if depth in (18, 34):
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    v = cfg.MODEL.VIRTEX
+    v.TASK = task
+    v.TOKENIZER = tokenizer_path
+    v.VOCAB_SIZE = vocab_size
+    v.TEXTUAL_HEAD.NUM_LAYERS = layers
+    v.TEXTUAL_HEAD.HIDDEN_SIZE = hidden
+    v.TEXTUAL_HEAD.NUM_HEADS = max(1, hidden // 32)
+    v.TEXTUAL_HEAD.FEEDFORWARD_SIZE = hidden * 4
+    v.NUM_MULTILABEL_CLASSES = 7
+    cfg.SOLVER.AMP.ENABLED = False
+    return cfg
