@@ -189,8 +189,7 @@ class VirTex(nn.Module):
             scores = scores[:, 1:]
         return [{"scores": s} for s in scores]
 
-    def make_step(self, visual: torch.Tensor, use_cache: bool, need_weights: bool = False,
-                  attention_log: Optional[list] = None):
+    def make_step(self, visual: torch.Tensor, use_cache: bool):
         """Step and reorder functions for the decoders over visual tokens (N, n_grid, H).
 
         With ``use_cache`` only the newest token is fed and earlier keys/values are reused;
@@ -203,28 +202,21 @@ class VirTex(nn.Module):
         def step(tokens: torch.Tensor) -> torch.Tensor:
             if use_cache:
                 t = tokens.shape[1] - 1
-                hidden, weights = head(tokens[:, -1:], memory, 0, caches=caches,
-                                       start_position=t, need_weights=need_weights)
+                hidden, _ = head(tokens[:, -1:], memory, 0, caches=caches, start_position=t)
             else:
-                hidden, weights = head(tokens, memory, 0, causal=True, need_weights=need_weights)
-            if attention_log is not None:
-                # (layers, N, heads, n_grid) for the newest position.
-                attention_log.append(torch.stack([w[:, :, -1] for w in weights]))
+                hidden, _ = head(tokens, memory, 0, causal=True)
             return F.log_softmax(head.logits(hidden[:, -1]).float(), dim=-1)
 
         def reorder(rows: torch.Tensor) -> None:
             if caches is not None:
                 for c in caches:
                     c["k"], c["v"] = c["k"][rows], c["v"][rows]
-            if attention_log:
-                attention_log[:] = [a[:, rows] for a in attention_log]
 
         return step, reorder
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, decoder: Optional[str] = None,
-                 use_cache: Optional[bool] = None, attention_log: Optional[list] = None
-                 ) -> list[list[int]]:
+                 use_cache: Optional[bool] = None) -> list[list[int]]:
         """Captions (token ids without [SOS]/[EOS]) for a grid (B, C, h, w), left to right."""
         decoder = decoder or self.decoder
         use_cache = self.use_cache if use_cache is None else use_cache
@@ -232,14 +224,13 @@ class VirTex(nn.Module):
         b = visual.shape[0]
         common = dict(sos=SOS_ID, eos=EOS_ID, max_length=self.max_decode_length,
                       device=visual.device)
-        need_weights = attention_log is not None
         if decoder == "beam":
             visual = visual.repeat_interleave(self.beam_size, dim=0)
-            step, reorder = self.make_step(visual, use_cache, need_weights, attention_log)
+            step, reorder = self.make_step(visual, use_cache)
             tokens, _ = beam_search(step, reorder, b, self.beam_size,
                                     length_penalty=self.length_penalty, **common)
             return tokens
-        step, _ = self.make_step(visual, use_cache, need_weights, attention_log)
+        step, _ = self.make_step(visual, use_cache)
         if decoder == "greedy":
             return greedy_decode(step, b, **common)
         gen = torch.Generator(device=visual.device).manual_seed(self.seed)
