@@ -1,0 +1,444 @@
+"""Convert pretrained ResNets into Detectron2 backbone checkpoints (the one conversion module).
+
+Three sources are understood:
+
+- ``virtex_d2``: a checkpoint of this project's VirTex meta-architecture, written by Detectron2's
+  checkpointer (``{"model": state_dict, "iteration": ...}``). The visual backbone is a Detectron2
+  ``ResNet`` under ``backbone.``, so its names are already Detectron2 names.
+- ``virtex``: a checkpoint of the reference VirTex code (``{"model": state_dict, ...}``), whose
+  CNN is a torchvision ResNet under ``visual.cnn.``.
+- ``torchvision``: a torchvision ResNet state dict (the ImageNet-supervised baseline), plain or
+  wrapped in ``{"state_dict": ...}`` / ``{"model": ...}``.
+
+The output is ``{"model": {Detectron2 names without "backbone."}, "__author__": "virtex_d2",
+"matching_heuristics": True}``. ``matching_heuristics`` makes ``DetectionCheckpointer`` match
+each model key to the checkpoint key that is its longest dotted suffix, so ``res2.0.conv1.weight``
+lands in ``backbone.bottom_up.res2.0.conv1.weight`` (FPN) or ``backbone.res2.0.conv1.weight``, and
+``res5.*`` in ``roi_heads.res5.*`` (C4), without one file per architecture.
+
+BatchNorm ``num_batches_tracked`` counters are dropped (and reported as such): they are
+pretraining bookkeeping, not weights. Detectron2's BN layers use a fixed momentum, so the counter
+never affects their outputs; torch's BN fills a missing counter in when loading a dict without
+version metadata (which is what the checkpointer passes), and ``FrozenBatchNorm2d`` has no such
+buffer, so keeping it would only produce "unexpected key" warnings for frozen backbones.
+
+Conversion refuses (:class:`IncompleteBackboneError`) unless every conv and norm of the stem and
+of res2..res5 for the inferred depth is present with all of weight, bias, running_mean and
+running_var: a silently missing running statistic would load as the identity transform.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from tqdm import tqdm
+
+__all__ = [
+    "SOURCES",
+    "ConversionResult",
+    "IncompleteBackboneError",
+    "convert_checkpoint",
+    "convert_state_dict",
+    "extract_state_dict",
+    "load_any_checkpoint",
+    "save_d2_checkpoint",
+    "torchvision_to_d2_name",
+    "d2_to_torchvision_name",
+]
+
+SOURCES = ("virtex_d2", "virtex", "torchvision")
+
+# Where the ResNet lives inside each source's state dict.
+DEFAULT_PREFIX = {"virtex_d2": "backbone.", "virtex": "visual.cnn.", "torchvision": ""}
+
+# (block type, blocks in res2..res5) -> depth, as in Detectron2's build_resnet_backbone.
+_DEPTHS = {
+    ("basic", (2, 2, 2, 2)): 18,
+    ("basic", (3, 4, 6, 3)): 34,
+    ("bottleneck", (3, 4, 6, 3)): 50,
+    ("bottleneck", (3, 4, 23, 3)): 101,
+    ("bottleneck", (3, 8, 36, 3)): 152,
+}
+
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+_BN_COUNTER = "num_batches_tracked"
+
+# Detectron2 ResNet names: stem.conv1 / res{2-5}.{block}.{conv1-3,shortcut}, each a conv with
+# its norm under ".norm".
+_D2_NAME = re.compile(
+    r"^(?P<conv>stem\.conv1|res[2-5]\.\d+\.(?:conv[1-3]|shortcut))"
+    r"\.(?P<tensor>weight|norm\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+_TV_STEM = re.compile(r"^(?P<kind>conv1|bn1)\.(?P<tensor>\w+)$")
+_TV_BLOCK = re.compile(
+    r"^layer(?P<layer>[1-4])\.(?P<block>\d+)\."
+    r"(?:(?P<kind>conv|bn)(?P<idx>[1-3])|downsample\.(?P<ds>[01]))\.(?P<tensor>\w+)$"
+)
+
+
+class IncompleteBackboneError(ValueError):
+    """The source lacks tensors of the backbone; ``missing`` lists them (Detectron2 names)."""
+
+    def __init__(self, message: str, missing: Optional[List[str]] = None):
+        super().__init__(message)
+        self.missing = list(missing or [])
+
+
+@dataclass
+class ConversionResult:
+    """Outcome of a conversion.
+
+    Attributes:
+        d2_state: Detectron2 backbone names (no ``backbone.`` prefix) -> tensors, e.g.
+            ``"res2.0.conv1.weight"``: (C_out, C_in, k, k).
+        renamed: source key -> Detectron2 name, for every converted tensor.
+        unused_keys: source keys that are not part of the ResNet (textual head, ``fc``, ...).
+        dropped_keys: BN ``num_batches_tracked`` counters, deliberately not converted.
+        depth / block / num_groups / width_per_group / res2_out_channels / stem_out_channels:
+            the architecture inferred from the tensors, i.e. the MODEL.RESNETS.* values a model
+            must use to load the file.
+    """
+
+    source: str
+    d2_state: "OrderedDict[str, torch.Tensor]"
+    renamed: Dict[str, str]
+    unused_keys: List[str]
+    dropped_keys: List[str]
+    depth: int
+    block: str
+    num_groups: int
+    width_per_group: int
+    res2_out_channels: int
+    stem_out_channels: int
+    notes: List[str] = field(default_factory=list)
+
+    def config_overrides(self) -> Dict[str, Any]:
+        """MODEL.RESNETS values a Detectron2 model needs for these weights."""
+        return {
+            "MODEL.RESNETS.DEPTH": self.depth,
+            "MODEL.RESNETS.NUM_GROUPS": self.num_groups,
+            "MODEL.RESNETS.WIDTH_PER_GROUP": self.width_per_group,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS": self.res2_out_channels,
+            "MODEL.RESNETS.STEM_OUT_CHANNELS": self.stem_out_channels,
+            # Not visible in the weights: torchvision and VirTex put the stride on the 3x3 conv.
+            "MODEL.RESNETS.STRIDE_IN_1X1": False,
+        }
+
+    def summary(self) -> str:
+        """Human-readable multi-line summary (counts, architecture, notes)."""
+        lines = [
+            f"source: {self.source}",
+            f"architecture: ResNet-{self.depth} ({self.block} blocks, "
+            f"{self.num_groups}x{self.width_per_group}d, res2 out {self.res2_out_channels})",
+            f"converted tensors: {len(self.d2_state)}",
+            f"dropped BN counters ({_BN_COUNTER}): {len(self.dropped_keys)}",
+            f"unused source keys: {len(self.unused_keys)}",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(
+            "config: " + " ".join(f"{k} {v}" for k, v in self.config_overrides().items())
+        )
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ I/O
+
+
+def load_any_checkpoint(path: str) -> Dict[str, Any]:
+    """Load a ``.pth``/``.pt``/``.pyth`` file with ``torch.load(weights_only=True)`` on the CPU.
+
+    Pickle files (``.pkl``) are refused: unpickling runs arbitrary code, and neither VirTex nor
+    torchvision distributes its ResNets that way.
+    """
+    if path.endswith(".pkl"):
+        raise ValueError(
+            f"{path}: refusing to unpickle a .pkl file; give a torch checkpoint (.pth) instead"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (re-raised with the path and the reason)
+        raise RuntimeError(
+            f"{path}: cannot be read with torch.load(weights_only=True): {e}. Re-save just the "
+            "model's state dict (torch.save(model.state_dict(), path))."
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return dict(obj)
+
+
+def extract_state_dict(checkpoint: Mapping[str, Any]) -> "OrderedDict[str, torch.Tensor]":
+    """Return the model state dict inside a checkpoint.
+
+    ``{"model": sd, ...}`` (Detectron2, reference VirTex) and ``{"state_dict": sd, ...}`` are
+    unwrapped; anything else is taken to be a state dict already. A ``module.`` prefix on every
+    key (a model saved inside DistributedDataParallel) is stripped. Numpy arrays become tensors.
+    """
+    state: Mapping[str, Any] = checkpoint
+    for wrapper in ("model", "state_dict"):
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            state = checkpoint[wrapper]
+            break
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            try:
+                value = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"state dict entry {key!r} is not a tensor: {type(value)}") from e
+        out[key] = value
+    if out and all(k.startswith("module.") for k in out):
+        out = OrderedDict((k[len("module.") :], v) for k, v in out.items())
+    return out
+
+
+def save_d2_checkpoint(result: Union[ConversionResult, Mapping[str, torch.Tensor]], path: str):
+    """Write a Detectron2 backbone checkpoint loadable as ``MODEL.WEIGHTS``.
+
+    Only tensors, a string and a bool are stored, so ``torch.load(weights_only=True)`` reads it.
+    """
+    state = result.d2_state if isinstance(result, ConversionResult) else result
+    payload = {
+        "model": OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state.items()),
+        "__author__": "virtex_d2",
+        "matching_heuristics": True,
+    }
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    # Write next to the target, then rename, so an interrupted run never leaves half a file.
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------- naming
+
+
+def torchvision_to_d2_name(name: str) -> Optional[str]:
+    """``layer2.0.bn1.running_mean`` -> ``res3.0.conv1.norm.running_mean``; None if not a ResNet
+    tensor of the stem or res2..res5 (e.g. ``fc.weight``)."""
+    m = _TV_STEM.match(name)
+    if m:
+        conv = "stem.conv1"
+        kind = m["kind"]
+    else:
+        m = _TV_BLOCK.match(name)
+        if not m:
+            return None
+        base = f"res{int(m['layer']) + 1}.{m['block']}"
+        if m["ds"] is not None:
+            conv, kind = f"{base}.shortcut", ("conv" if m["ds"] == "0" else "bn")
+        else:
+            conv = f"{base}.conv{m['idx']}"
+            kind = "conv" if m["kind"] == "conv" else "bn"
+    tensor = m["tensor"]
+    if kind.startswith("conv"):
+        return f"{conv}.weight" if tensor == "weight" else None
+    if tensor in _NORM_TENSORS or tensor == _BN_COUNTER:
+        return f"{conv}.norm.{tensor}"
+    return None
+
+
+def d2_to_torchvision_name(name: str) -> str:
+    """Inverse of :func:`torchvision_to_d2_name` (used to report missing tensors)."""
+    m = _D2_NAME.match(name)
+    if not m:
+        raise ValueError(f"not a Detectron2 ResNet tensor name: {name}")
+    conv, tensor = m["conv"], m["tensor"]
+    is_norm = tensor.startswith("norm.")
+    leaf = tensor[len("norm.") :] if is_norm else tensor
+    if conv == "stem.conv1":
+        return f"{'bn1' if is_norm else 'conv1'}.{leaf}"
+    stage, block, part = conv.split(".")
+    base = f"layer{int(stage[3:]) - 1}.{block}"
+    if part == "shortcut":
+        return f"{base}.downsample.{1 if is_norm else 0}.{leaf}"
+    return f"{base}.{'bn' if is_norm else 'conv'}{part[4:]}.{leaf}"
+
+
+# ----------------------------------------------------------------------------------- structure
+
+
+def _infer_structure(d2_state: Mapping[str, torch.Tensor]) -> Tuple[str, Tuple[int, ...]]:
+    """Block type and number of blocks per stage (highest block index + 1, so a gap inside a
+    stage shows up as missing tensors rather than as a shallower network)."""
+    blocks = {s: -1 for s in range(2, 6)}
+    bottleneck = False
+    for name in d2_state:
+        m = re.match(r"^res([2-5])\.(\d+)\.(\w+)\.", name)
+        if m:
+            stage, idx = int(m[1]), int(m[2])
+            blocks[stage] = max(blocks[stage], idx)
+            bottleneck |= m[3] == "conv3"
+    counts = tuple(blocks[s] + 1 for s in range(2, 6))
+    return ("bottleneck" if bottleneck else "basic"), counts
+
+
+def _expected_names(d2_state: Mapping[str, torch.Tensor], block: str, counts) -> List[str]:
+    """Every tensor name a complete backbone of this shape has (BN counters excluded)."""
+    convs = ["stem.conv1"]
+    n_convs = 3 if block == "bottleneck" else 2
+    for stage, n_blocks in zip(range(2, 6), counts):
+        for b in range(n_blocks):
+            prefix = f"res{stage}.{b}"
+            convs += [f"{prefix}.conv{i}" for i in range(1, n_convs + 1)]
+            if b == 0 and _needs_shortcut(d2_state, stage, n_convs):
+                convs.append(f"{prefix}.shortcut")
+    names = []
+    for conv in convs:
+        names.append(f"{conv}.weight")
+        names += [f"{conv}.norm.{t}" for t in _NORM_TENSORS]
+    return names
+
+
+def _needs_shortcut(d2_state: Mapping[str, torch.Tensor], stage: int, n_convs: int) -> bool:
+    """A projection shortcut exists where the first block downsamples (res3..res5) or changes
+    the channel count (res2 of bottleneck nets: 64 -> 256)."""
+    if stage > 2 or f"res{stage}.0.shortcut.weight" in d2_state:
+        return True
+    first = d2_state.get(f"res{stage}.0.conv1.weight")
+    last = d2_state.get(f"res{stage}.0.conv{n_convs}.weight")
+    if first is None or last is None:
+        return False  # those convs are reported missing anyway
+    return first.shape[1] != last.shape[0]
+
+
+def _shape_of(d2_state: Mapping[str, torch.Tensor], block: str) -> Dict[str, int]:
+    stem_out = d2_state["stem.conv1.weight"].shape[0]
+    if block == "basic":
+        return dict(
+            num_groups=1,
+            width_per_group=64,  # unused by Detectron2's BasicBlock; its default
+            res2_out_channels=d2_state["res2.0.conv2.weight"].shape[0],
+            stem_out_channels=stem_out,
+        )
+    bottleneck = d2_state["res2.0.conv1.weight"].shape[0]
+    # conv2 is grouped: its weight is (C_out, C_in / groups, 3, 3).
+    num_groups = bottleneck // d2_state["res2.0.conv2.weight"].shape[1]
+    return dict(
+        num_groups=num_groups,
+        width_per_group=bottleneck // num_groups,
+        res2_out_channels=d2_state["res2.0.conv3.weight"].shape[0],
+        stem_out_channels=stem_out,
+    )
+
+
+# ---------------------------------------------------------------------------------- conversion
+
+
+def convert_state_dict(
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    *,
+    prefix: Optional[str] = None,
+    expected_depth: Optional[int] = None,
+    progress: bool = False,
+) -> ConversionResult:
+    """Rename a source state dict's ResNet tensors to Detectron2 backbone names.
+
+    Args:
+        state: the model state dict (already unwrapped, see :func:`extract_state_dict`).
+        source: one of :data:`SOURCES`.
+        prefix: where the ResNet lives in ``state``; defaults to ``backbone.`` (virtex_d2),
+            ``visual.cnn.`` (virtex) or nothing (torchvision).
+        expected_depth: if given, refuse a network of any other depth.
+        progress: show a tqdm bar over the source keys.
+
+    Raises:
+        IncompleteBackboneError: the backbone is not complete (message lists what is missing).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    prefix = DEFAULT_PREFIX[source] if prefix is None else prefix
+    d2_state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    renamed: Dict[str, str] = {}
+    unused: List[str] = []
+    dropped: List[str] = []
+    for key in tqdm(state, desc=f"converting ({source})", unit="tensor", disable=not progress):
+        name = None
+        if key.startswith(prefix):
+            inner = key[len(prefix) :]
+            if source == "virtex_d2":
+                name = inner if _D2_NAME.match(inner) else None
+            else:
+                name = torchvision_to_d2_name(inner)
+        if name is None:
+            unused.append(key)
+        elif name.endswith("." + _BN_COUNTER):
+            dropped.append(key)
+        else:
+            if name in d2_state:
+                raise ValueError(f"two source keys map to {name} (second: {key})")
+            d2_state[name] = state[key]
+            renamed[key] = name
+
+    if not d2_state:
+        hints = [
+            s
+            for s, p in DEFAULT_PREFIX.items()
+            if s != source and f"{p}{'stem.' if s == 'virtex_d2' else ''}conv1.weight" in state
+        ]
+        hint = f"; it looks like --source {hints[0]}" if hints else ""
+        raise IncompleteBackboneError(
+            f"no ResNet tensor found under prefix {prefix!r} for source {source!r} "
+            f"({len(state)} keys, e.g. {list(state)[:3]}){hint}"
+        )
+    block, counts = _infer_structure(d2_state)
+    depth = _DEPTHS.get((block, counts))
+    if depth is None:
+        raise IncompleteBackboneError(
+            f"cannot infer the ResNet depth: {block} blocks with {counts} blocks in res2..res5 "
+            f"match none of {sorted(set(_DEPTHS.values()))}; is part of the network missing?"
+        )
+    if expected_depth is not None and depth != expected_depth:
+        raise ValueError(f"expected a ResNet-{expected_depth}, found a ResNet-{depth}")
+    missing = [n for n in _expected_names(d2_state, block, counts) if n not in d2_state]
+    if missing:
+        def _in_source(n: str) -> str:
+            return prefix + (n if source == "virtex_d2" else d2_to_torchvision_name(n))
+
+        listing = "\n".join(f"  {n}  (source name: {_in_source(n)})" for n in missing)
+        raise IncompleteBackboneError(
+            f"ResNet-{depth} backbone is incomplete: {len(missing)} tensor(s) missing:\n{listing}",
+            missing,
+        )
+    # Keys under the ResNet prefix that are not ResNet tensors (other than a classifier) hint at
+    # an architecture variant this converter does not know (e.g. conv biases): say so loudly.
+    odd = [k for k in unused if k.startswith(prefix) and not k[len(prefix) :].startswith("fc.")]
+    notes = [f"{len(odd)} key(s) under {prefix!r} not converted: {odd[:5]}"] if odd else []
+    return ConversionResult(
+        source=source,
+        d2_state=d2_state,
+        renamed=renamed,
+        unused_keys=unused,
+        dropped_keys=dropped,
+        depth=depth,
+        block=block,
+        notes=notes,
+        **_shape_of(d2_state, block),
+    )
+
+
+def convert_checkpoint(
+    state_or_path: Union[str, Mapping[str, Any]],
+    source: str,
+    *,
+    prefix: Optional[str] = None,
+    expected_depth: Optional[int] = None,
+    progress: bool = False,
+) -> ConversionResult:
+    """Convert a checkpoint file, a loaded checkpoint or a bare state dict.
+
+    Files are read with :func:`load_any_checkpoint` (weights only); wrappers are removed with
+    :func:`extract_state_dict`. See :func:`convert_state_dict` for the other arguments.
+    """
+    checkpoint = (
+        load_any_checkpoint(state_or_path) if isinstance(state_or_path, str) else state_or_path
+    )
+    state = extract_state_dict(checkpoint)
+    return convert_state_dict(
+        state, source, prefix=prefix, expected_depth=expected_depth, progress=progress
+    )
