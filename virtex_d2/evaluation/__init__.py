@@ -1,1 +1,3 @@
 """Evaluators, chosen by a dataset's evaluator_type in build.py."""
+from .captioning import CaptioningEvaluator  # noqa: F401
+from .coco_lvis import FastCOCOEvaluator, FastLVISEvaluator  # noqa: F401
