@@ -11,6 +11,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import virtex_d2
 from virtex_d2.engine.launch import launch
@@ -24,6 +25,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup configures detectron2's and fvcore's loggers; ours too (same files).
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="virtex_d2")
     return cfg
 
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
+from detectron2.data import MetadataCatalog
+
+from .datasets.synthetic import ensure_synthetic_dataset
 from .tokenizer import CaptionTokenizer, train_vocabulary
 
 logger = logging.getLogger("virtex_d2")
@@ -12,13 +14,15 @@ logger = logging.getLogger("virtex_d2")
 SYNTHETIC_SCHEME = "synthetic://"
 
 
-def datasets_root() -> Path:
-    """``$DETECTRON2_DATASETS`` (default ``./datasets``), read at call time."""
-    return Path(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
+def synthetic_root() -> Path:
+    """Where the registered synthetic datasets live (``$DETECTRON2_DATASETS/synthetic`` at
+    registration time)."""
+    json_file = MetadataCatalog.get("synthetic_captions_train").json_file
+    return Path(json_file).parent.parent
 
 
 def synthetic_vocabulary_path(vocab_size: int) -> Path:
-    return datasets_root() / "synthetic" / f"vocab_{vocab_size}.json"
+    return synthetic_root() / f"vocab_{vocab_size}.json"
 
 
 def ensure_synthetic_vocabulary(vocab_size: int) -> Path:
@@ -26,9 +30,7 @@ def ensure_synthetic_vocabulary(vocab_size: int) -> Path:
     path = synthetic_vocabulary_path(vocab_size)
     if path.is_file():
         return path
-    from .datasets.synthetic import ensure_synthetic_dataset
-
-    root = Path(ensure_synthetic_dataset(str(datasets_root() / "synthetic")))
+    root = Path(ensure_synthetic_dataset(str(synthetic_root())))
     logger.info(f"Building the synthetic captions vocabulary ({vocab_size} tokens) at {path}")
     train_vocabulary([root / "annotations" / "captions_train.json"], vocab_size, path)
     return path

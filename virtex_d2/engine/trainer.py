@@ -62,6 +62,24 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    # Detectron2 v0.6's DefaultTrainer checkpoints neither the optimiser (momentum, Lookahead
+    # slow weights, the learning rate in its groups) nor the AMP scaler, so `--resume` would
+    # restart them; upstream main saves them under "_trainer", as done here.
+    def state_dict(self):
+        ret = TrainerBase.state_dict(self)
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        TrainerBase.load_state_dict(self, state_dict)
+        if "_trainer" not in state_dict:
+            raise KeyError(
+                "this checkpoint has no optimizer state (written by another trainer?); resume "
+                "needs a checkpoint written by virtex_d2's Trainer, or load it as MODEL.WEIGHTS "
+                "without --resume"
+            )
+        self._trainer.load_state_dict(state_dict["_trainer"])
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         if is_virtex(cfg):
@@ -85,3 +103,29 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process() and results:
+            # Detectron2's csv printout drops every metric whose name has a "-" (BLEU-4,
+            # ROUGE-L, APr, AP-<class>); show all of them.
+            logging.getLogger("virtex_d2").info("Evaluation results:\n" + results_table(results))
+        return results
+
+
+def results_table(results: dict) -> str:
+    """``{task: {metric: value}}`` (or one level deeper, per dataset) as a text table."""
+    from tabulate import tabulate
+
+    rows = []
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}/", value)
+            elif "-" not in key or not key.startswith("AP-"):  # per-class AP stays in json
+                rows.append((prefix.rstrip("/"), key, f"{value:.4f}"))
+
+    walk("", results)
+    return tabulate(rows, headers=["task", "metric", "value"], tablefmt="pipe")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 
 
@@ -51,6 +51,9 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None) ->
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if dataset_name.startswith("synthetic_"):
+        # Generated on first load; evaluators read the json files when they are built.
+        DatasetCatalog.get(dataset_name)
     if kind not in EVALUATORS:
         raise ValueError(
             f"dataset {dataset_name!r} has evaluator_type {kind!r}; virtex_d2 evaluates "
