@@ -15,3 +15,26 @@ def tokenizer(tmp_path):
     from helpers import make_tokenizer
 
     return make_tokenizer(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """A small synthetic dataset (24 train / 8 val, 64 px) registered as the synthetic_*
+    datasets (so nothing is generated under ./datasets), and a vocabulary of its captions."""
+    from virtex_d2.data.datasets.builtin import register_all_virtex_datasets
+    from virtex_d2.data.datasets.synthetic import generate_synthetic_dataset
+    from virtex_d2.data.tokenizer import train_vocabulary
+
+    root = tmp_path_factory.mktemp("d2datasets")
+    generate_synthetic_dataset(str(root / "synthetic"), num_train=24, num_val=8, image_size=64)
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = str(root)
+    register_all_virtex_datasets(str(root))
+    tok = train_vocabulary([root / "synthetic" / "annotations" / "captions_train.json"], 120,
+                           root / "vocab.json")
+    yield {"root": root, "tokenizer": tok.path, "vocab_size": len(tok)}
+    if old is None:
+        os.environ.pop("DETECTRON2_DATASETS")
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old
+    register_all_virtex_datasets()

@@ -14,9 +14,6 @@ from detectron2.utils.events import EventStorage
 from helpers import REPO
 
 import virtex_d2
-from virtex_d2.data.datasets.builtin import register_all_virtex_datasets
-from virtex_d2.data.datasets.synthetic import generate_synthetic_dataset
-from virtex_d2.data.tokenizer import train_vocabulary
 
 VIRTEX_CONFIGS = sorted(
     glob.glob(str(REPO / "configs" / "pretrain" / "*.yaml"))
@@ -46,25 +43,6 @@ def test_every_pretraining_config_merges_and_builds(path):
         assert len(model.textual_head.transformer.layers) == t.NUM_LAYERS
         assert model.textual_head.hidden_size == t.HIDDEN_SIZE
     del model
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    """A small synthetic dataset (24 train / 8 val, 64 px) registered as the synthetic_*
-    datasets, and a vocabulary learned from its captions."""
-    root = tmp_path_factory.mktemp("d2datasets")
-    generate_synthetic_dataset(str(root / "synthetic"), num_train=24, num_val=8, image_size=64)
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = str(root)
-    register_all_virtex_datasets(str(root))
-    tok = train_vocabulary([root / "synthetic" / "annotations" / "captions_train.json"], 120,
-                           root / "vocab.json")
-    yield {"root": root, "tokenizer": tok.path, "vocab_size": len(tok)}
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS")
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_all_virtex_datasets()
 
 
 def small_opts(synthetic, out_dir, iters=4, batch=4):

@@ -7,16 +7,22 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 
 
+def _instance_tasks(cfg) -> tuple:
+    # From the model, not the predictions: a model that detects nothing must still report
+    # (zero) mask AP rather than silently dropping the task.
+    return ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+
+
 def _coco(cfg, name, out):
     from .coco_lvis import FastCOCOEvaluator
 
-    return FastCOCOEvaluator(name, output_dir=out, distributed=True)
+    return FastCOCOEvaluator(name, tasks=_instance_tasks(cfg), output_dir=out, distributed=True)
 
 
 def _lvis(cfg, name, out):
     from .coco_lvis import FastLVISEvaluator
 
-    return FastLVISEvaluator(name, output_dir=out, distributed=True)
+    return FastLVISEvaluator(name, tasks=_instance_tasks(cfg), output_dir=out, distributed=True)
 
 
 def _captioning(cfg, name, out):

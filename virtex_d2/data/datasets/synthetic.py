@@ -7,7 +7,7 @@ Layout written under ``output_dir``::
     val/000000500001.jpg ...
     annotations/captions_{train,val}.json   COCO Captions: 5 captions per image
     annotations/instances_{train,val}.json  COCO instances: 7 shape classes with ids that are
-                                            not 1..K; polygons, ~10% compressed RLE, a few
+                                            not 1..K; polygons for every object, a few
                                             iscrowd regions as uncompressed RLE (as in COCO)
     annotations/lvis_{train,val}.json       LVIS v1: 56 colour x shape classes (ids 1..56),
                                             long-tailed; frequency r/c/f from train counts
@@ -85,7 +85,7 @@ DEFAULT_NUM_VAL = 100
 DEFAULT_IMAGE_SIZE = 128
 MARKER_NAME = ".synthetic_complete.json"
 # Bump when the output changes, so that ensure_synthetic_dataset() regenerates old data.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _SPLIT_ID_BASE = {"train": 0, "val": 500000}
 _MIN_VISIBLE_FRACTION = 0.6
 # Centre distance (fraction of the image side) below which no relation is stated.
@@ -494,12 +494,10 @@ def _annotate(image_id, scene, visible, crowd_mask, rng, size, counters):
         obj.update(visible_area=area, bbox=bbox)
         counters["object"] += 1
         common = {"id": counters["object"], "image_id": image_id, "area": area, "bbox": bbox}
-        segm: Any = polygons
-        if counters["object"] % 10 == 3:  # every 10th shape as compressed RLE
-            rle = mask_util.encode(np.asfortranarray(decoded))
-            segm = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        # As in real COCO, every non-crowd object is a polygon (Detectron2's default
+        # INPUT.MASK_FORMAT "polygon" cannot read RLE for them); RLE is for crowds only.
         category = _coco_category_id(obj["shape"])
-        coco.append({**common, "category_id": category, "segmentation": segm, "iscrowd": 0})
+        coco.append({**common, "category_id": category, "segmentation": polygons, "iscrowd": 0})
         lvis.append({**common, "category_id": obj["lvis_index"] + 1, "segmentation": polygons})
         present.add(obj["lvis_index"] + 1)
     not_exhaustive = []
@@ -639,7 +637,7 @@ def _write_split(output_dir: str, split: str, data: Dict[str, list], lvis_catego
     return {
         "num_images": len(data["images"]),
         "num_objects": len(data["coco"]) - crowd,
-        "num_rle": sum(isinstance(a["segmentation"], dict) for a in data["coco"]) - crowd,
+        "num_rle": sum(isinstance(a["segmentation"], dict) for a in data["coco"]),
         "num_crowd": crowd,
         "num_captions": len(data["captions"]),
         "image_dir": os.path.join(output_dir, split),
