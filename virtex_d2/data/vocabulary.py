@@ -6,7 +6,7 @@ from pathlib import Path
 
 from detectron2.data import MetadataCatalog
 
-from .datasets.synthetic import ensure_synthetic_dataset
+from .datasets.synthetic import GENERATOR_VERSION, ensure_synthetic_dataset
 from .tokenizer import CaptionTokenizer, train_vocabulary
 
 logger = logging.getLogger("virtex_d2")
@@ -22,7 +22,8 @@ def synthetic_root() -> Path:
 
 
 def synthetic_vocabulary_path(vocab_size: int) -> Path:
-    return synthetic_root() / f"vocab_{vocab_size}.json"
+    # Versioned like the data, so a regenerated dataset never meets a stale vocabulary.
+    return synthetic_root() / f"vocab_v{GENERATOR_VERSION}_{vocab_size}.json"
 
 
 def ensure_synthetic_vocabulary(vocab_size: int) -> Path:
