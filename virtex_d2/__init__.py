@@ -3,6 +3,7 @@
 Importing this package registers everything it provides with Detectron2's registries and
 catalogs: datasets, the VirTex meta-architectures, textual heads, ROI heads and evaluators.
 """
+from . import classification  # noqa: F401  (registers ImageClassifier, classification data)
 from . import data  # noqa: F401  (registers datasets)
 from . import evaluation  # noqa: F401
 from . import modeling  # noqa: F401  (registers meta-architectures, heads)

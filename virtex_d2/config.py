@@ -17,6 +17,9 @@ PRETRAINING_TASKS = (
 
 def add_virtex_config(cfg: CN) -> None:
     """Add every VirTex key to a Detectron2 config, in place (idempotent)."""
+    from .classification.config import add_classification_config
+
+    add_classification_config(cfg)
     if "VIRTEX" in cfg.MODEL:
         return
     _C = cfg

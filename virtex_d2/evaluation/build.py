@@ -40,7 +40,9 @@ def _pascal_voc(cfg, name, out):
 def _classification(cfg, name, out):
     from .classification import ClassificationEvaluator
 
-    return ClassificationEvaluator(name, output_dir=out, distributed=True)
+    return ClassificationEvaluator(
+        name, output_dir=out, distributed=True, topk=tuple(cfg.TEST.CLASSIFICATION.TOPK)
+    )
 
 
 EVALUATORS = {
