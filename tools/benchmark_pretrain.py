@@ -79,6 +79,18 @@ class CNNOnly(torch.nn.Module):
         return {"loss_cls": torch.nn.functional.cross_entropy(logits, target)}
 
 
+class _OneImage(torch.nn.Module):
+    """Tensor-in, tensor-out view of a training forward on one sample, for fvcore's tracer
+    (Detectron2's own FLOP helper needs its export module, which imports caffe2)."""
+
+    def __init__(self, model, sample):
+        super().__init__()
+        self.model, self.sample = model, sample
+
+    def forward(self, image):
+        return sum(self.model([{**self.sample, "image": image[0]}]).values())
+
+
 def _peak_memory_mb(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
@@ -87,8 +99,8 @@ def _peak_memory_mb(device):
 
 def _measure_model(which, args, queue):
     from detectron2.modeling import build_model
-    from detectron2.utils.analysis import FlopCountAnalysis
     from detectron2.utils.events import EventStorage
+    from fvcore.nn import FlopCountAnalysis
 
     from virtex_d2.solver import build_virtex_optimizer
 
@@ -135,7 +147,7 @@ def _measure_model(which, args, queue):
         elapsed = time.perf_counter() - t0
         peak = _peak_memory_mb(args.device)
         # FLOPs of one training-mode forward (fvcore counts one multiply-add as one flop).
-        flops = FlopCountAnalysis(model, (batch[:1],))
+        flops = FlopCountAnalysis(_OneImage(model, batch[0]), (batch[0]["image"][None],))
         flops.unsupported_ops_warnings(False)
         flops.uncalled_modules_warnings(False)
         gflops = flops.total() / 1e9
@@ -166,6 +178,11 @@ def _measure_loader(args, queue):
     for _ in range(args.iters * 4):
         n += len(next(loader))
     elapsed = time.perf_counter() - t0
+    # Shut the workers down before this process exits, so none is killed mid-batch.
+    del loader
+    import gc
+
+    gc.collect()
     queue.put({"images_per_s": n / elapsed, "peak_mb": _peak_memory_mb("cpu"),
                "workers": cfg.DATALOADER.NUM_WORKERS, "note": note})
 
@@ -186,7 +203,13 @@ def _run(target, *args):
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Exception:  # queue.Empty: keep waiting while the measurement runs
+            if not proc.is_alive():
+                raise SystemExit(f"{target.__name__} failed (exit code {proc.exitcode})")
     proc.join()
     return result
 
