@@ -32,7 +32,7 @@ import pycocotools.mask as mask_util
 from pycocotools.coco import COCO as RefCOCO
 from pycocotools.cocoeval import COCOeval as RefCOCOeval
 
-from virtex_d2.evaluation.fast_cocoeval import COCO_METRICS, evaluate_coco_json
+from virtex_d2.evaluation.fast_cocoeval import COCO_METRICS, evaluate_coco_json, nan_to_none
 
 TOLERANCE = 1e-4
 
@@ -206,14 +206,6 @@ def _agree(a: float, b: float) -> bool:
     return abs(a - b) <= TOLERANCE
 
 
-def _nan_to_none(x):
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return x
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gt", help="COCO annotation json (default: generate synthetic data)")
@@ -278,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report["agree"] = all_agree
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(_nan_to_none(report), f, indent=2)
+            json.dump(nan_to_none(report), f, indent=2)
     if not all_agree:
         print(f"\nERROR: the evaluators differ by more than {TOLERANCE} (percent)", file=sys.stderr)
     print("\nspeed-up (pycocotools / ours): " + ", ".join(speedups))

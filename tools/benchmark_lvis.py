@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import time
 from typing import Dict, List, Optional
@@ -27,7 +26,7 @@ from tabulate import tabulate
 
 import virtex_d2  # noqa: F401  (registers datasets and models)
 from virtex_d2.evaluation import FastLVISEvaluator
-from virtex_d2.evaluation.fast_cocoeval import LVIS_METRICS, evaluate_coco_json, load_gt
+from virtex_d2.evaluation.fast_cocoeval import LVIS_METRICS, evaluate_coco_json, load_gt, nan_to_none
 
 logger = logging.getLogger("benchmark_lvis")
 
@@ -145,14 +144,6 @@ def format_table(report: Dict) -> str:
     return tabulate(rows, headers=["task"] + list(LVIS_METRICS), floatfmt=".2f", tablefmt="pipe")
 
 
-def _nan_to_none(x):
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return x
-
-
 def main(argv: Optional[List[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", help="model config (inference mode)")
@@ -184,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print(f"evaluation: {report['eval_seconds']:.2f}s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(_nan_to_none(report), f, indent=2)
+            json.dump(nan_to_none(report), f, indent=2)
     return report
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data.datasets.builtin import get_datasets_root
+from ..data.datasets.builtin import _register, get_datasets_root
 from ..data.datasets.synthetic import COCO_CATEGORIES, ensure_synthetic_dataset
 
 logger = logging.getLogger(__name__)
@@ -55,16 +55,6 @@ CLASSIFICATION_DATASETS: List[str] = [
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _register(name: str, loader: Callable[[], List[Dict[str, Any]]], **metadata: Any) -> None:
-    # Replace an earlier entry so that re-registering under another root works.
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-    if name in MetadataCatalog.list():
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
-
-
 def _set_classes(dataset_name: Optional[str], classes: List[str], source: str) -> None:
     """Record class names found at load time; refuse a change within one process."""
     if not dataset_name:

@@ -32,6 +32,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Sequence, Union
@@ -299,3 +300,12 @@ def evaluate_coco_json(
         results = _load_results(results)
     ev = run_cocoeval(gt_api, results, iou_type, lvis=lvis, max_dets=max_dets)
     return summarize_precision(ev, lvis=lvis, per_category=per_category)
+
+
+def nan_to_none(x):
+    """NaN -> None, recursively, so metric dicts serialise as valid json."""
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
