@@ -3,26 +3,32 @@
 
     python tools/train_net.py --config-file configs/synthetic/bicaptioning_R_18.yaml
     python tools/train_net.py --config-file F --eval-only MODEL.WEIGHTS path/to/model.pth
+    python tools/train_net.py --config-file F --resume             # continue after a crash
     python tools/train_net.py --config-file F --num-gpus 8          # GPUs, NCCL
     python tools/train_net.py --config-file F --num-gpus 2          # no CUDA: 2 CPU procs, gloo
     torchrun --nproc-per-node 8 tools/train_net.py --config-file F   # torchrun also works
+
+What happens on bad data, bad configs, crashes and failed processes: README "Failure behaviour".
 """
-from detectron2.checkpoint import DetectionCheckpointer
+from datetime import timedelta
+
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import virtex_d2
-from virtex_d2.engine.launch import launch
+from virtex_d2.engine.checkpoint import build_checkpointer
+from virtex_d2.engine.config import add_engine_config, merge_config_checked
+from virtex_d2.engine.launch import DEFAULT_TIMEOUT, launch
 from virtex_d2.engine.trainer import Trainer
 
 
 def setup(args):
     cfg = get_cfg()
     virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    add_engine_config(cfg)  # idempotent; add_virtex_config may already have added them
+    merge_config_checked(cfg, args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers; ours too (same files).
@@ -34,7 +40,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        build_checkpointer(cfg, model, cfg.OUTPUT_DIR, eval_only=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
@@ -49,6 +55,11 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--dist-timeout-s", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
+        help="seconds a process waits in a collective (e.g. for a dead peer) before failing",
+    )
+    args = parser.parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+           dist_url=args.dist_url, args=(args,), timeout=timedelta(seconds=args.dist_timeout_s))

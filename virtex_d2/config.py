@@ -117,3 +117,8 @@ def add_virtex_config(cfg: CN) -> None:
     _C.SOLVER.VIRTEX.CLIP_GRAD_NORM = 10.0
     # Use torch.optim.SGD's fused/foreach kernels when available.
     _C.SOLVER.VIRTEX.FOREACH = True
+
+    # Failure-handling keys (bad-data threshold, pickle opt-in, weight-loading checks).
+    from .engine.config import add_engine_config  # imported here: engine imports data/modeling
+
+    add_engine_config(_C)

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .detection_mapper import read_image_checked
 from .tokenizer import EOS_ID, MASK_ID, SOS_ID, CaptionTokenizer
 from .transforms import CenterCrop, ColorJitter, RandomResizedCrop, swap_left_right, was_flipped
 from .vocabulary import resolve_tokenizer
@@ -119,8 +119,11 @@ class CaptionDatasetMapper:
 
     def __call__(self, dataset_dict: dict) -> dict:
         d = copy.deepcopy(dataset_dict)
-        image = utils.read_image(d["file_name"], format=self.image_format)
-        utils.check_image_size(d, image)
+        # Any pixel format and EXIF orientation; a broken file raises UnreadableImageError,
+        # which the training loader counts as a bad sample. The record's width/height are not
+        # checked: captions do not depend on them, and an EXIF-rotated photo legitimately
+        # decodes with width and height swapped.
+        image = read_image_checked(d["file_name"], self.image_format)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image

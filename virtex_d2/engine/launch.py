@@ -5,6 +5,12 @@ Detectron2 v0.6's ``launch`` asserts CUDA and uses NCCL. Here:
 - without CUDA, ``--num-gpus N`` starts N CPU processes per machine that talk over gloo;
 - under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), the process group comes from the
   environment and no processes are spawned.
+
+When one process fails (raises, exits, is killed), torch's ``start_processes`` terminates the
+others on this machine (SIGTERM, then SIGKILL after 30 s), and :func:`launch` raises
+:class:`ProcessFailedError` naming the failed rank. Processes on *other* machines, or survivors
+whose parent died, are bounded by ``timeout``: a collective that waits longer for a dead peer
+fails (gloo; NCCL with its default async error handling), and the process exits non-zero.
 """
 from __future__ import annotations
 
@@ -54,10 +60,36 @@ def _worker(local_rank, main_func, world_size, num_per_machine, machine_rank, ba
         torch.cuda.set_device(local_rank)
     _setup_local_group(num_per_machine)
     comm.synchronize()
-    try:
-        main_func(*args)
-    finally:
-        dist.destroy_process_group()
+    main_func(*args)
+    # Only after success: tearing the group down while a peer still waits in a collective is
+    # pointless, and the process exit releases everything anyway.
+    dist.destroy_process_group()
+
+
+class ProcessFailedError(RuntimeError):
+    """One process of a multi-process run failed; the others were terminated."""
+
+
+def _failed(error: Exception, machine_rank: int, num_per_machine: int) -> ProcessFailedError:
+    index = getattr(error, "error_index", None)
+    if index is None:
+        return ProcessFailedError(f"a process failed: {error}")
+    rank = machine_rank * num_per_machine + index
+    if isinstance(error, mp.ProcessExitedException):
+        how = getattr(error, "signal_name", None)
+        detail = f"was killed by {how}" if how else f"exited with code {error.exit_code}"
+    else:
+        detail = f"raised an exception:{error}"
+    hint = ""
+    if "timed out" in detail.lower():
+        hint = (
+            "\nA collective timed out (--dist-timeout-s): another rank probably died or hung "
+            "first; look for its error in its log."
+        )
+    return ProcessFailedError(
+        f"rank {rank} (process {index} of {num_per_machine} on machine {machine_rank}) {detail}"
+        f"{hint}\nThe other processes of this machine were terminated."
+    )
 
 
 def launched_by_torchrun() -> bool:
@@ -76,6 +108,10 @@ def launch(
     """Run ``main_func(*args)`` in every process of a (possibly single-process) job.
 
     On machines without CUDA, ``num_gpus_per_machine`` is the number of CPU processes.
+    ``timeout`` bounds how long a collective waits for a peer (see the module docstring).
+
+    Raises:
+        ProcessFailedError: a spawned process failed; the message names its rank.
     """
     use_cuda = torch.cuda.is_available()
     if launched_by_torchrun():
@@ -85,15 +121,16 @@ def launch(
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         _setup_local_group(int(os.environ["LOCAL_WORLD_SIZE"]))
         comm.synchronize()
-        try:
-            main_func(*args)
-        finally:
-            dist.destroy_process_group()
+        main_func(*args)
+        dist.destroy_process_group()
         return
     world_size = num_machines * num_gpus_per_machine
     if use_cuda:
-        d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank,
-                  dist_url=dist_url or "auto", args=args, timeout=timeout)
+        try:
+            d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank,
+                      dist_url=dist_url or "auto", args=args, timeout=timeout)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            raise _failed(e, machine_rank, num_gpus_per_machine) from e
         return
     if world_size <= 1:
         main_func(*args)
@@ -103,11 +140,14 @@ def launch(
             raise ValueError("--dist-url auto only works on one machine; give tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
     logger.info(f"Launching {num_gpus_per_machine} CPU processes (gloo) at {dist_url}")
-    mp.start_processes(
-        _worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, "gloo", dist_url,
-              args, timeout),
-        daemon=False,
-        start_method="spawn",
-    )
+    try:
+        mp.start_processes(
+            _worker,
+            nprocs=num_gpus_per_machine,
+            args=(main_func, world_size, num_gpus_per_machine, machine_rank, "gloo", dist_url,
+                  args, timeout),
+            daemon=False,
+            start_method="spawn",
+        )
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        raise _failed(e, machine_rank, num_gpus_per_machine) from e

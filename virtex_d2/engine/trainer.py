@@ -7,7 +7,12 @@ TensorBoard writers, ``test``) with the choices that depend on the config:
 - optimiser: ``LookaheadSGD`` with two learning rates for VirTex, Detectron2's otherwise;
 - evaluator: chosen by the dataset's ``evaluator_type`` (``evaluation.build``);
 - CPU data parallelism: ``DistributedDataParallel`` without ``device_ids`` (Detectron2 always
-  passes a GPU index, which fails for CPU modules).
+  passes a GPU index, which fails for CPU modules);
+- failure behaviour (README "Failure behaviour"): a resumable training loader whose batches
+  depend only on (seed, iteration) and which skips and counts bad records
+  (``data.resumable``, ``data.train_loader``); a crash-safe checkpointer that refuses pickle and
+  partial loads (``engine.checkpoint``); random state in checkpoints and a non-finite loss guard
+  (``engine.hooks``).
 """
 from __future__ import annotations
 
@@ -15,20 +20,46 @@ import logging
 import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..classification import (
+    build_classification_optimizer,
+    build_classification_test_loader,
+    build_classification_train_loader,
+)
 from ..data.caption_mapper import CaptionDatasetMapper
+from ..data.detection_mapper import RobustDatasetMapper
+from ..data.train_loader import build_resumable_train_loader
 from ..evaluation.build import build_evaluator
 from ..solver import build_virtex_optimizer
+from .checkpoint import build_checkpointer
+from .config import add_engine_config
+from .hooks import RNGRestoreHook, RNGStateHook, TrainLoaderStateHook, install_nonfinite_guard
 
 
 def is_virtex(cfg) -> bool:
     return cfg.MODEL.META_ARCHITECTURE == "VirTex"
+
+
+def is_classifier(cfg) -> bool:
+    return cfg.MODEL.META_ARCHITECTURE == "ImageClassifier"
+
+
+def with_engine_config(cfg):
+    """``cfg``, or a copy with the keys of ``engine.config`` added when it lacks them."""
+    if "VIRTEX_MAX_BAD_FRACTION" in cfg.DATALOADER and "WEIGHTS_REQUIRED" in cfg.MODEL:
+        return cfg
+    frozen = cfg.is_frozen()
+    cfg = cfg.clone()
+    cfg.defrost()
+    add_engine_config(cfg)
+    if frozen:
+        cfg.freeze()
+    return cfg
 
 
 class Trainer(DefaultTrainer):
@@ -39,9 +70,12 @@ class Trainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        cfg = with_engine_config(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # Before DDP wrapping, so the guard sees the module's own loss dict on every rank.
+        install_nonfinite_guard(model, self)
         on_cpu = next(model.parameters()).device.type == "cpu"
         model = create_ddp_model(
             model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
@@ -54,13 +88,37 @@ class Trainer(DefaultTrainer):
             )
         self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        self.checkpointer = build_checkpointer(
+            cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """Detectron2's hooks, plus random-state capture right before the checkpointer, the
+        loader's state, and a final hook undoing random draws of evaluation after a checkpoint.
+        """
+        ret = super().build_hooks()
+        rng = RNGStateHook(self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        # Right before the checkpointer; ranks > 0 have none, so the same place in the order
+        # (before evaluation) is used there: every rank must take part in the gathering.
+        later = (hooks.PeriodicCheckpointer, hooks.EvalHook, hooks.PeriodicWriter)
+        at = next((i for i, h in enumerate(ret) if isinstance(h, later)), len(ret))
+        ret.insert(at, rng)
+        loader = self._trainer.data_loader
+        if hasattr(loader, "tracker"):
+            ret.append(TrainLoaderStateHook(loader))
+        ret.append(RNGRestoreHook(rng))
+        return ret
+
+    def resume_or_load(self, resume: bool = True):
+        """As Detectron2's; then the training loader starts at the resumed iteration."""
+        super().resume_or_load(resume=resume)
+        loader = self._trainer.data_loader
+        if hasattr(loader, "start_iter"):
+            loader.start_iter = self.start_iter
 
     # Detectron2 v0.6's DefaultTrainer checkpoints neither the optimiser (momentum, Lookahead
     # slow weights, the learning rate in its groups) nor the AMP scaler, so `--resume` would
@@ -82,23 +140,32 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
+        if is_classifier(cfg):
+            return build_classification_optimizer(cfg, model)
         if is_virtex(cfg):
             return build_virtex_optimizer(cfg, model)
         return super().build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
+        cfg = with_engine_config(cfg)
+        if is_classifier(cfg):
+            return build_classification_train_loader(cfg)
         if is_virtex(cfg):
-            return build_detection_train_loader(cfg, mapper=CaptionDatasetMapper(cfg, True))
-        return super().build_train_loader(cfg)
+            return build_resumable_train_loader(cfg, CaptionDatasetMapper(cfg, True))
+        return build_resumable_train_loader(cfg, RobustDatasetMapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        if is_classifier(cfg):
+            return build_classification_test_loader(cfg, dataset_name)
         if is_virtex(cfg):
             return build_detection_test_loader(
                 cfg, dataset_name, mapper=CaptionDatasetMapper(cfg, False)
             )
-        return super().build_test_loader(cfg, dataset_name)
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=RobustDatasetMapper(cfg, False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

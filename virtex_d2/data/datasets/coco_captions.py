@@ -109,6 +109,11 @@ def load_coco_captions_json(
     records: Dict[int, Dict[str, Any]] = {}
     for k, img in enumerate(data["images"]):
         _require(img, ("id", "file_name", "height", "width"), json_file, f"image #{k}")
+        if not isinstance(img["file_name"], str) or not img["file_name"].strip():
+            raise ValueError(
+                f"{json_file}: image id {img['id']} has file_name {img['file_name']!r}; every "
+                "image needs the name of its file under the image folder"
+            )
         if img["id"] in records:
             raise ValueError(f"{json_file}: image id {img['id']} appears more than once")
         folder = os.path.join(image_root, img["split_dir"]) if "split_dir" in img else image_root
@@ -119,7 +124,7 @@ def load_coco_captions_json(
             "width": img["width"],
             "captions": [],
         }
-    num_empty = 0
+    empty_ids: List[Any] = []
     for k, ann in enumerate(data["annotations"]):
         _require(ann, ("image_id",), json_file, f"annotation #{k}")
         if ann["image_id"] not in records:
@@ -129,16 +134,25 @@ def load_coco_captions_json(
                 "re-download or regenerate it."
             )
         caption = ann.get("caption")
+        # Missing, non-string, empty and whitespace-only captions carry no text to learn from.
+        # Non-ASCII text (accents, CJK, emoji) is kept: the tokenizer normalises it (NFKC) and
+        # maps what its vocabulary lacks to [UNK]. Overlong captions are clipped when tokenized.
         if not isinstance(caption, str) or not caption.strip():
-            num_empty += 1
+            empty_ids.append(ann.get("id", f"#{k}"))
             continue
         records[ann["image_id"]]["captions"].append(caption.strip())
-    if num_empty:
-        logger.warning("%s: dropped %d missing or empty caption(s)", json_file, num_empty)
+    if empty_ids:
+        logger.warning(
+            "%s: dropped %d missing or empty caption(s) (absent, not text or whitespace only; "
+            "annotation ids %s%s)",
+            json_file, len(empty_ids), empty_ids[:5], ", ..." if len(empty_ids) > 5 else "",
+        )
     kept = [records[i] for i in sorted(records) if records[i]["captions"]]
     if len(kept) < len(records):
+        uncaptioned = [i for i in sorted(records) if not records[i]["captions"]]
         logger.warning(
-            "%s: dropped %d image(s) without captions", json_file, len(records) - len(kept)
+            "%s: dropped %d image(s) without captions (image ids %s%s)", json_file,
+            len(uncaptioned), uncaptioned[:5], ", ..." if len(uncaptioned) > 5 else "",
         )
     if instances_json is not None:
         paths = [instances_json] if isinstance(instances_json, str) else list(instances_json)

@@ -1,0 +1,107 @@
+"""Exact resume: a run SIGKILLed between checkpoints and resumed with --resume ends with the same
+weights and optimizer state as an uninterrupted run (README "Failure behaviour")."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from helpers import REPO
+
+CONFIG = str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml")
+ITERS, KILL_AFTER = 8, 4  # checkpoints after iterations 1, 3, 5, 7: killed between 3 and 5
+
+# The training of tools/train_net.py, plus a hook that stops the process (to be SIGKILLed) after
+# iteration KILL_AFTER, i.e. in the middle of a checkpoint period.
+KILLED_CHILD = """
+import sys, time
+sys.path.insert(0, {tools!r})
+import train_net
+from detectron2.engine import HookBase
+from virtex_d2.engine.trainer import Trainer
+
+class Freeze(HookBase):
+    def after_step(self):
+        if self.trainer.iter == {kill_after}:
+            open({marker!r}, "w").close()
+            time.sleep(600)
+
+args = train_net.default_argument_parser().parse_args(sys.argv[1:])
+trainer = Trainer(train_net.setup(args))
+trainer.resume_or_load(resume=False)
+trainer.register_hooks([Freeze()])
+trainer.train()
+"""
+
+
+def opts(synthetic, out):
+    return [
+        "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
+        "MODEL.VIRTEX.VOCAB_SIZE", str(synthetic["vocab_size"]),
+        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE", "64",
+        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
+        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", "128",
+        "INPUT.VIRTEX.CROP_SIZE", "48",  # random crops, flips and colour jitter stay on
+        "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(ITERS),
+        "SOLVER.WARMUP_ITERS", "3", "SOLVER.CHECKPOINT_PERIOD", "2",
+        "DATALOADER.NUM_WORKERS", "2", "DATASETS.TEST", "()",
+        "OUTPUT_DIR", str(out), "SEED", "11",
+    ]
+
+
+def env(synthetic):
+    # One thread: CPU kernels then reduce in a fixed order in every process.
+    return dict(os.environ, DETECTRON2_DATASETS=str(synthetic["root"]), OMP_NUM_THREADS="1")
+
+
+def train_net(synthetic, out, *extra):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", CONFIG, *extra,
+         *opts(synthetic, out)],
+        cwd=REPO, env=env(synthetic), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(synthetic, tmp_path):
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    train_net(synthetic, full)
+
+    marker = tmp_path / "frozen"
+    child = KILLED_CHILD.format(tools=str(REPO / "tools"), kill_after=KILL_AFTER,
+                                marker=str(marker))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, "--config-file", CONFIG, *opts(synthetic, broken)],
+        cwd=REPO, env=env(synthetic), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the run never reached the kill point"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert not (broken / "model_final.pth").exists()
+
+    log = train_net(synthetic, broken, "--resume")
+    assert "Starting training from iteration 4" in log
+
+    a = torch.load(full / "model_final.pth", weights_only=True)
+    b = torch.load(broken / "model_final.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == ITERS - 1
+    assert a["model"].keys() == b["model"].keys()
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, differ
+    opt_a, opt_b = a["trainer"]["_trainer"]["optimizer"], b["trainer"]["_trainer"]["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]  # LR, Lookahead counter
+    for i, state in opt_a["state"].items():
+        for name in ("momentum_buffer", "lookahead_slow"):
+            assert torch.equal(state[name], opt_b["state"][i][name]), (i, name)
+    assert a["trainer"]["hooks"]["LRScheduler"] == b["trainer"]["hooks"]["LRScheduler"]
+    # ... and it was not trivially equal: these weights moved from the checkpoint resumed from.
+    mid = torch.load(broken / "model_0000003.pth", weights_only=True)["model"]
+    assert sum(not torch.equal(mid[k], b["model"][k]) for k in mid) > len(mid) // 2
