@@ -134,3 +134,22 @@ def test_flip_detection_counts_flips():
     assert was_flipped(T.TransformList([flip]))
     assert not was_flipped(T.TransformList([flip, flip]))
     assert not was_flipped(T.TransformList([T.NoOpTransform()]))
+
+
+def test_build_vocabulary_cli(tmp_path):
+    import sys
+
+    from helpers import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import build_vocabulary
+
+    caps = write_captions_json(tmp_path / "c.json", ["a red circle left of a square"] * 3
+                               + ["two blue stars above a green triangle"] * 3)
+    assert build_vocabulary.main(["--captions", str(caps), "--vocab-size", "60",
+                                  "--output", str(tmp_path / "v.json")]) == 0
+    tok = CaptionTokenizer(tmp_path / "v.json")
+    assert tok.decode(tok.encode("two blue stars")) == "two blue stars"
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert build_vocabulary.main(["--captions", str(bad), "--output", str(tmp_path / "x.json")]) == 1
