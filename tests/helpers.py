@@ -57,3 +57,14 @@ def virtex_cfg(task: str = "bicaptioning", depth: int = 18, layers: int = 1, hid
     v.NUM_MULTILABEL_CLASSES = 7
     cfg.SOLVER.AMP.ENABLED = False
     return cfg
+
+
+def _needs_coco_tiny():
+    import pytest
+
+    return pytest.mark.skipif(
+        not COCO_TINY.is_dir(), reason=f"shared real-photo data not found at {COCO_TINY}"
+    )
+
+
+needs_coco_tiny = _needs_coco_tiny()

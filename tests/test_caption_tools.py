@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import needs_coco_tiny
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -194,6 +195,7 @@ def test_caption_images_tool_errors(trained, tmp_path, capsys):
     assert json.loads((tmp_path / "p.json").read_text())["num_skipped"] == 1
 
 
+@needs_coco_tiny
 def test_real_photographs(trained):
     files = sorted(str(p) for p in (COCO_TINY / "val2017").glob("*.jpg"))[:3]
     assert len(files) == 3
@@ -209,6 +211,7 @@ def _crop(trained, path) -> torch.Tensor:
     return eval_image_tensor(load_image_rgb(str(path)), augs)
 
 
+@needs_coco_tiny
 def test_attention_is_what_the_decoder_used(trained):
     model = trained["model"]
     image = _crop(trained, sorted((COCO_TINY / "val2017").glob("*.jpg"))[0])
@@ -243,6 +246,7 @@ def test_attention_is_what_the_decoder_used(trained):
     assert empty.caption == "" and empty.words == [] and empty.word_maps.shape == (0, 2, 2)
 
 
+@needs_coco_tiny
 def test_word_maps_differ_and_merge_subwords(trained):
     model, tok = trained["model"], trained["model"].tokenizer
     image = _crop(trained, sorted((COCO_TINY / "val2017").glob("*.jpg"))[1])
@@ -269,6 +273,7 @@ def test_word_spans_special_and_bare_pieces(tokenizer):
     assert combine_attention([torch.full((1, 2, 3, 4), 0.25)]).shape == (1, 3, 4)
 
 
+@needs_coco_tiny
 def test_visualize_attention_tool(trained, tmp_path, capsys):
     tool = _load_tool("visualize_attention")
     image = sorted((COCO_TINY / "val2017").glob("*.jpg"))[2]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import needs_coco_tiny
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import virtex_d2
@@ -177,6 +178,7 @@ def test_synthetic_lvis_loads_with_all_frequency_groups(root, generated, split):
     assert {group[c] for c in used} == {"r", "c", "f"}
 
 
+@needs_coco_tiny
 def test_coco_captions_2017_registration(root):
     """coco_captions_2017_val reads coco/annotations/captions_val2017.json and adds labels
     when instances_val2017.json exists."""
@@ -201,6 +203,7 @@ def test_coco_captions_2017_registration(root):
     assert len(MetadataCatalog.get("coco_captions_2017_val").thing_classes) == 80
 
 
+@needs_coco_tiny
 def test_loader_on_real_coco_with_split_dirs():
     name = "test_coco_tiny_captions"
     try:

@@ -1,0 +1,25 @@
+"""Captions of a few validation images by the pretrained model (for the report)."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from detectron2.data import DatasetCatalog
+
+
+def caption_val_images(config: str, opts: Sequence[str], weights: str, count: int = 8,
+                       dataset: str = "synthetic_captions_val") -> List[dict]:
+    """``count`` images of ``dataset`` with their generated caption and a reference one."""
+    from ..captioner import build_caption_model, caption_files, load_config
+    from ..data.caption_mapper import build_caption_augmentations
+
+    records = DatasetCatalog.get(dataset)[:count]
+    cfg = load_config(config, opts)
+    model = build_caption_model(cfg, weights)
+    with torch.no_grad():
+        results = caption_files(model, [r["file_name"] for r in records],
+                                build_caption_augmentations(cfg, is_train=False),
+                                batch_size=count, num_workers=0, progress=False)
+    generated = {c["file_name"]: c["caption"] for c in results.captions}
+    return [{"file_name": r["file_name"], "caption": generated.get(r["file_name"], ""),
+             "reference": r["captions"][0]} for r in records]
