@@ -26,6 +26,7 @@ from typing import List, Optional
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from virtex_d2.captioner import (
+    model_tool_parser,
     build_caption_model,
     caption_files,
     list_image_files,
@@ -35,20 +36,7 @@ from virtex_d2.data.caption_mapper import build_caption_augmentations
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(),
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config-file", required=True, help="the model's training config")
-    parser.add_argument("--weights", required=True, help="Detectron2 checkpoint (.pth)")
-    parser.add_argument("--input", required=True, help="image file, directory or glob pattern")
-    parser.add_argument("--output", required=True, help="where to write the json")
-    parser.add_argument(
-        "--decoder",
-        choices=("beam", "greedy", "nucleus"),
-        help="default: the config's MODEL.VIRTEX.DECODER.NAME",
-    )
+    parser = model_tool_parser(__doc__, "image file, directory or glob pattern", "where to write the json")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument(
         "--num-workers", type=int, default=4, help="threads decoding images (0: main thread)"

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from virtex_d2.captioner import (
+    model_tool_parser,
     UnreadableImageError,
     build_caption_model,
     caption_attention,
@@ -119,20 +120,7 @@ def safe_filename(word: str, limit: int = 40) -> str:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(),
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config-file", required=True, help="the model's training config")
-    parser.add_argument("--weights", required=True, help="Detectron2 checkpoint (.pth)")
-    parser.add_argument("--input", required=True, help="one image file")
-    parser.add_argument("--output", required=True, help="directory for the PNGs")
-    parser.add_argument(
-        "--decoder",
-        choices=("beam", "greedy", "nucleus"),
-        help="default: the config's MODEL.VIRTEX.DECODER.NAME",
-    )
+    parser = model_tool_parser(__doc__, "one image file", "directory for the PNGs")
     parser.add_argument(
         "--layer",
         type=int,

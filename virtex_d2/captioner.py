@@ -371,3 +371,24 @@ def caption_attention(
         token_maps=token_maps,
         word_maps=word_maps,
     )
+
+
+def model_tool_parser(doc: str, input_help: str, output_help: str) -> "argparse.ArgumentParser":
+    """The arguments shared by the captioning tools (model, input, output, decoder)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0].strip(),
+        epilog=doc.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", required=True, help="the model's training config")
+    parser.add_argument("--weights", required=True, help="Detectron2 checkpoint (.pth)")
+    parser.add_argument("--input", required=True, help=input_help)
+    parser.add_argument("--output", required=True, help=output_help)
+    parser.add_argument(
+        "--decoder",
+        choices=("beam", "greedy", "nucleus"),
+        help="default: the config's MODEL.VIRTEX.DECODER.NAME",
+    )
+    return parser
