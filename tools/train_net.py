@@ -12,6 +12,7 @@ What happens on bad data, bad configs, crashes and failed processes: README "Fai
 """
 from datetime import timedelta
 
+import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
@@ -29,6 +30,11 @@ def setup(args):
     virtex_d2.add_virtex_config(cfg)
     add_engine_config(cfg)  # idempotent; add_virtex_config may already have added them
     merge_config_checked(cfg, args.config_file, args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} (set by {args.config_file} or Detectron2's "
+            "default) but no CUDA device is available; add `MODEL.DEVICE cpu` to the command"
+        )
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers; ours too (same files).
