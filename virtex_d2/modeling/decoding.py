@@ -25,20 +25,29 @@ def _strip(tokens: torch.Tensor, eos: int) -> list[list[int]]:
     return out
 
 
-@torch.no_grad()
-def greedy_decode(step: StepFn, batch_size: int, sos: int, eos: int, max_length: int,
-                  device: torch.device) -> list[list[int]]:
-    """Most likely token at every step. Returns B token lists (no [SOS]/[EOS])."""
+def _decode_one_path(step: StepFn, choose: Callable[[torch.Tensor], torch.Tensor],
+                     batch_size: int, sos: int, eos: int, max_length: int,
+                     device: torch.device) -> list[list[int]]:
+    """One caption per image: ``choose`` maps log-probabilities (B, V) to next tokens (B,);
+    finished captions keep appending [EOS]."""
     tokens = torch.full((batch_size, 1), sos, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for _ in range(max_length):
-        next_tok = step(tokens).argmax(dim=-1)
+        next_tok = choose(step(tokens))
         next_tok = torch.where(finished, torch.full_like(next_tok, eos), next_tok)
         tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
         finished |= next_tok == eos
         if bool(finished.all()):
             break
     return _strip(tokens, eos)
+
+
+@torch.no_grad()
+def greedy_decode(step: StepFn, batch_size: int, sos: int, eos: int, max_length: int,
+                  device: torch.device) -> list[list[int]]:
+    """Most likely token at every step. Returns B token lists (no [SOS]/[EOS])."""
+    return _decode_one_path(step, lambda logp: logp.argmax(dim=-1), batch_size, sos, eos,
+                            max_length, device)
 
 
 @torch.no_grad()
@@ -101,19 +110,13 @@ def nucleus_sample(step: StepFn, batch_size: int, sos: int, eos: int, max_length
     """Sample from the smallest set of tokens whose probability mass reaches ``top_p``."""
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    tokens = torch.full((batch_size, 1), sos, dtype=torch.long, device=device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    for _ in range(max_length):
-        probs = step(tokens).float().exp()
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+
+    def choose(logp: torch.Tensor) -> torch.Tensor:
+        sorted_p, order = logp.float().exp().sort(dim=-1, descending=True)
         # Keep a token if the mass before it is below top_p (the first token is always kept).
         keep = (sorted_p.cumsum(dim=-1) - sorted_p) < top_p
         sorted_p = sorted_p * keep
         choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
-        next_tok = order.gather(1, choice).squeeze(1)
-        next_tok = torch.where(finished, torch.full_like(next_tok, eos), next_tok)
-        tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
-        finished |= next_tok == eos
-        if bool(finished.all()):
-            break
-    return _strip(tokens, eos)
+        return order.gather(1, choice).squeeze(1)
+
+    return _decode_one_path(step, choose, batch_size, sos, eos, max_length, device)
