@@ -68,3 +68,14 @@ def _needs_coco_tiny():
 
 
 needs_coco_tiny = _needs_coco_tiny()
+
+
+def tiny_textual_head_opts(synthetic: dict) -> list:
+    """Config overrides: the `synthetic` fixture's vocabulary and a 64-wide textual head."""
+    return [
+        "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
+        "MODEL.VIRTEX.VOCAB_SIZE", str(synthetic["vocab_size"]),
+        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE", "64",
+        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
+        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", "128",
+    ]

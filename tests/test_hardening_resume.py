@@ -7,7 +7,7 @@ import sys
 import time
 
 import torch
-from helpers import REPO
+from helpers import REPO, tiny_textual_head_opts
 
 CONFIG = str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml")
 ITERS, KILL_AFTER = 8, 4  # checkpoints after iterations 1, 3, 5, 7: killed between 3 and 5
@@ -37,11 +37,7 @@ trainer.train()
 
 def opts(synthetic, out):
     return [
-        "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
-        "MODEL.VIRTEX.VOCAB_SIZE", str(synthetic["vocab_size"]),
-        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE", "64",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", "128",
+        *tiny_textual_head_opts(synthetic),
         "INPUT.VIRTEX.CROP_SIZE", "48",  # random crops, flips and colour jitter stay on
         "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(ITERS),
         "SOLVER.WARMUP_ITERS", "3", "SOLVER.CHECKPOINT_PERIOD", "2",

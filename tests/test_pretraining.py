@@ -11,7 +11,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from helpers import REPO
+from helpers import REPO, tiny_textual_head_opts
 
 import virtex_d2
 
@@ -47,11 +47,7 @@ def test_every_pretraining_config_merges_and_builds(path):
 
 def small_opts(synthetic, out_dir, iters=4, batch=4):
     return [
-        "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
-        "MODEL.VIRTEX.VOCAB_SIZE", str(synthetic["vocab_size"]),
-        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE", "64",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", "128",
+        *tiny_textual_head_opts(synthetic),
         "MODEL.VIRTEX.DECODER.BEAM_SIZE", "2",
         "MODEL.VIRTEX.DECODER.MAX_LENGTH", "8",
         "INPUT.VIRTEX.CROP_SIZE", "64",
