@@ -120,8 +120,8 @@ def test_first_load_generates_with_a_log_line(root, generated):
     assert "stale lock" in logs
     assert (root / "synthetic" / MARKER_NAME).is_file()
     assert not (root / "synthetic.lock").exists()
+    # Informational only (timings are benchmarks' business, not assertions): 3-5 s here.
     print(f"default generation + first load: {generated['seconds']:.1f}s")
-    assert generated["seconds"] < 60
 
 
 def test_synthetic_captions_records(root, generated):

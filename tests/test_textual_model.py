@@ -45,6 +45,30 @@ def test_output_layer_is_tied_and_residual_norms_start_at_zero():
     assert zero and all(bool((w == 0).all()) for w in zero)
 
 
+@pytest.mark.parametrize("std", [0.02, 0.0625])
+def test_textual_head_init_std_is_configurable(std):
+    torch.manual_seed(0)
+    cfg = virtex_cfg("bicaptioning", hidden=256, vocab_size=1000)
+    cfg.MODEL.VIRTEX.TEXTUAL_HEAD.INIT_STD = std
+    head = _build(cfg).textual_head
+    # Every weight matrix of the head (projection, attention, FFN, tied embedding/output)
+    # draws from N(0, std); biases start at zero; LayerNorms keep PyTorch's (1, 0).
+    for name, p in head.named_parameters():
+        if "norm" in name:
+            continue
+        if name.endswith("bias"):
+            assert bool((p == 0).all()), name
+        elif p.dim() == 2:
+            assert abs(p.std().item() - std) < 0.1 * std, (name, p.std().item())
+
+
+def test_textual_head_init_std_must_be_positive():
+    cfg = virtex_cfg("captioning")
+    cfg.MODEL.VIRTEX.TEXTUAL_HEAD.INIT_STD = 0.0
+    with pytest.raises(ValueError, match="INIT_STD"):
+        _build(cfg)
+
+
 def _batch(task, n=2, size=64, vocab=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     batch = []

@@ -50,6 +50,12 @@ def add_virtex_config(cfg: CN) -> None:
     _C.MODEL.VIRTEX.TEXTUAL_HEAD.DROPOUT = 0.1
     # False: post-norm (paper default); True: pre-norm variant.
     _C.MODEL.VIRTEX.TEXTUAL_HEAD.NORM_FIRST = False
+    # Standard deviation of the normal init of every linear/embedding weight of the head
+    # (biases zero). 0.02 is BERT's and the paper's. The visual signal reaches the words
+    # through a chain of such matrices (projection, cross-attention values, output), so with
+    # 0.02 it starts ~30x weaker than the word embeddings and takes many thousand steps to
+    # grow; the few-hundred-step synthetic schedule uses 1/sqrt(HIDDEN_SIZE) instead.
+    _C.MODEL.VIRTEX.TEXTUAL_HEAD.INIT_STD = 0.02
 
     # Caption decoding at inference (eval mode of the captioning tasks).
     _C.MODEL.VIRTEX.DECODER = CN()

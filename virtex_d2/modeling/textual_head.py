@@ -57,15 +57,17 @@ class TransformerTextualHead(nn.Module):
         self.transformer = stack()
         self.backward_transformer = stack() if num_directions == 2 else None
         self.output = nn.Linear(t.HIDDEN_SIZE, self.vocab_size)
-        self.apply(self._init_weights)
+        if t.INIT_STD <= 0:
+            raise ValueError(f"MODEL.VIRTEX.TEXTUAL_HEAD.INIT_STD must be > 0, got {t.INIT_STD}")
+        self.apply(lambda m: self._init_weights(m, t.INIT_STD))
         # Tied after init so both names refer to the one (BERT-initialised) matrix.
         self.output.weight = self.embedding.words.weight
 
     @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # BERT-style initialisation, as in the reference implementation.
+    def _init_weights(module: nn.Module, std: float) -> None:
+        # BERT-style initialisation (std 0.02 in the reference implementation).
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=0.02)
+            module.weight.data.normal_(mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
