@@ -45,7 +45,13 @@ def test_smoke_demo_end_to_end_then_reused(tiny_root, tmp_path, capsys):
     assert "| COCO box AP" in report and "VirTex init" in report
     for png in ("losses.png", "ap_by_init.png", "captions.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in report
-    assert len(json.loads((out / "captions.json").read_text())["captions"]) == 8
+    captions = json.loads((out / "captions.json").read_text())
+    assert len(captions["captions"]) == 8
+    # The grounding check ran on the pretrained captioner and its numbers are in the report.
+    grounding = captions["grounding"]
+    assert grounding["num_images"] == 8
+    assert grounding["gap"] == pytest.approx(grounding["shuffled_loss"] - grounding["loss"])
+    assert f"{grounding['shuffled_loss']:.3f} with the images shuffled" in report
     # The VirTex fine-tune got the converted backbone, the random one no weights.
     virtex = json.loads((out / "finetune/coco/virtex/seed1" / MARKER).read_text())
     random = json.loads((out / "finetune/coco/random/seed1" / MARKER).read_text())

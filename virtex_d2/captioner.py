@@ -46,12 +46,12 @@ from PIL import Image, ImageOps
 from torch import nn
 from tqdm import tqdm
 
+from .config import CAPTIONING_TASKS
 from .data.tokenizer import SOS_ID, SPECIAL_TOKENS, CaptionTokenizer
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-CAPTIONING_TASKS = ("bicaptioning", "captioning")
 DECODERS = ("beam", "greedy", "nucleus")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 

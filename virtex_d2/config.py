@@ -13,6 +13,8 @@ PRETRAINING_TASKS = (
     "multilabel_classification",
     "masked_lm",
 )
+# The tasks whose textual head generates captions (left to right).
+CAPTIONING_TASKS = ("bicaptioning", "captioning")
 
 
 def add_virtex_config(cfg: CN) -> None:

@@ -23,3 +23,15 @@ def caption_val_images(config: str, opts: Sequence[str], weights: str, count: in
     generated = {c["file_name"]: c["caption"] for c in results.captions}
     return [{"file_name": r["file_name"], "caption": generated.get(r["file_name"], ""),
              "reference": r["captions"][0]} for r in records]
+
+
+def grounding_of(config: str, opts: Sequence[str], weights: str, count: int = 48,
+                 dataset: str = "synthetic_captions_val") -> dict:
+    """``tools/check_grounding.py``'s numbers for the pretrained captioner (see
+    :mod:`virtex_d2.evaluation.grounding`)."""
+    from ..captioner import build_caption_model, load_config
+    from ..evaluation.grounding import grounding_batches, measure_grounding
+
+    cfg = load_config(config, opts)
+    model = build_caption_model(cfg, weights)
+    return measure_grounding(model, grounding_batches(cfg, dataset, count)).to_json()

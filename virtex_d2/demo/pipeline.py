@@ -126,13 +126,14 @@ def run(args: argparse.Namespace, repo: str) -> dict:
     demo.log_stage("convert backbones", time.time() - t)
 
     t = time.time()
-    from .captions import caption_val_images
+    from .captions import caption_val_images, grounding_of
 
     bicap = pre["bicaptioning"]
-    captions = caption_val_images(os.path.join(repo, bicap.config),
-                                  bicap.opts + ["OUTPUT_DIR", bicap.output_dir],
-                                  os.path.join(bicap.output_dir, "model_final.pth"))
-    write_json(os.path.join(out, "captions.json"), {"captions": captions})
+    model_args = (os.path.join(repo, bicap.config), bicap.opts + ["OUTPUT_DIR", bicap.output_dir],
+                  os.path.join(bicap.output_dir, "model_final.pth"))
+    captions = caption_val_images(*model_args)
+    grounding = grounding_of(*model_args, count=8 if demo.mode == "smoke" else 48)
+    write_json(os.path.join(out, "captions.json"), {"captions": captions, "grounding": grounding})
     demo.log_stage("caption validation images", time.time() - t)
 
     fts = P.finetune_stages(sched, out, args.ablation)
@@ -156,8 +157,8 @@ def run(args: argparse.Namespace, repo: str) -> dict:
         write_results(os.path.join(out, "ablation.json"), ablation)
 
     t = time.time()
-    _figures_and_report(demo, results, captions, pre_results, fts, by_name, ablation, pre,
-                        load_start)
+    _figures_and_report(demo, results, captions, grounding, pre_results, fts, by_name,
+                        ablation, pre, load_start)
     demo.log_stage("report", time.time() - t)
     say("\n" + comparison_table(results))
     if ablation:
@@ -182,8 +183,8 @@ def _ablation(fts, by_name, pre_results) -> Dict[str, dict]:
     return table
 
 
-def _figures_and_report(demo, results, captions, pre_results, fts, by_name, ablation, pre,
-                        load_start) -> None:
+def _figures_and_report(demo, results, captions, grounding, pre_results, fts, by_name,
+                        ablation, pre, load_start) -> None:
     from .plots import caption_grid, plot_ap_bars, plot_losses
 
     out = demo.out
@@ -215,7 +216,7 @@ def _figures_and_report(demo, results, captions, pre_results, fts, by_name, abla
         command=f"python tools/run_demo.py{flags} --output {demo.args.output}", mode=demo.mode,
         machine=machine, stages=demo.stages, total_seconds=total, captions=captions,
         caption_metrics=cap_metrics, figures=figures, schedule_note=SCHEDULE_NOTE,
-        ablation=ablation)
+        ablation=ablation, grounding=grounding)
 
 
 def main(argv: Optional[List[str]] = None, repo: Optional[str] = None) -> int:

@@ -10,14 +10,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-PRETRAIN_TASKS = (
-    "bicaptioning",
-    "captioning",
-    "token_classification",
-    "multilabel_classification",
-    "masked_lm",
-)
-CAPTIONING_TASKS = ("bicaptioning", "captioning")
+from ..config import CAPTIONING_TASKS, PRETRAINING_TASKS
+
+PRETRAIN_TASKS = PRETRAINING_TASKS  # bicaptioning (the main comparison) first
 DATASETS = ("coco", "lvis")
 INITS = ("virtex", "random")
 

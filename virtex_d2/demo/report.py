@@ -57,7 +57,8 @@ def timing_table(stages: List[dict], fmt: str = "github") -> str:
 def write_report(path: str, *, results: dict, command: str, mode: str, machine: str,
                  stages: List[dict], total_seconds: float, captions: List[dict],
                  caption_metrics: dict, figures: Dict[str, str], schedule_note: str,
-                 ablation: Optional[Dict[str, dict]] = None) -> None:
+                 ablation: Optional[Dict[str, dict]] = None,
+                 grounding: Optional[dict] = None) -> None:
     """Write report.md next to its figures (paths in ``figures`` are relative to it)."""
     v, r = results.get("virtex", {}), results.get("random", {})
     wins = [k for k in ("coco_bbox_AP", "coco_segm_AP")
@@ -101,10 +102,19 @@ def write_report(path: str, *, results: dict, command: str, mode: str, machine: 
     if caption_metrics:
         lines += ["Caption metrics on synthetic_captions_val: " + ", ".join(
             f"{k} {val:.3f}" for k, val in sorted(caption_metrics.items())), ""]
-    if captions and distinct <= max(1, len(captions) // 3):
-        lines += [f"Note: only {distinct} distinct caption(s) for {len(captions)} images: the "
-                  "captioner has not yet learned to ground its words in the image (typical "
-                  "of a very short pretraining), which limits what the backbone transfers.", ""]
+    if grounding:
+        lines += [f"Grounding (as `tools/check_grounding.py`, {grounding['num_images']} validation "
+                  f"images): caption loss {grounding['loss']:.3f} nats/token with the right "
+                  f"images, {grounding['shuffled_loss']:.3f} with the images shuffled between "
+                  f"captions (gap {grounding['gap']:+.3f}); {grounding['distinct_captions']} "
+                  "distinct greedy captions.", ""]
+    blind = grounding is not None and grounding["gap"] < 0.01
+    if captions and (blind or distinct <= max(1, len(captions) // 3)):
+        lines += [f"Note: the captioner has not yet learned to ground its words in the image "
+                  f"({distinct} distinct caption(s) for {len(captions)} images"
+                  + ("; the wrong image costs it almost nothing" if blind else "") + "), "
+                  "typical of a very short pretraining, which limits what the backbone "
+                  "transfers.", ""]
     if figures.get("captions"):
         lines += [f"![captions]({figures['captions']})", ""]
     lines += ["| image | generated caption | a reference caption |", "|---|---|---|"]

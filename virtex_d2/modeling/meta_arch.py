@@ -131,7 +131,7 @@ class VirTex(nn.Module):
         return self.inference(features, batched_inputs)
 
     # ----------------------------------------------------------------------------- training
-    def _caption_loss(self, visual, tokens: torch.Tensor, direction: int) -> torch.Tensor:
+    def caption_loss(self, visual, tokens: torch.Tensor, direction: int) -> torch.Tensor:
         """Next-token cross-entropy; tokens (B, L) with [SOS] first. Logits are computed only
         at non-padding targets (the 10K-way output layer dominates the head's cost)."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -148,10 +148,10 @@ class VirTex(nn.Module):
         if self.task in ("bicaptioning", "captioning"):
             visual = self.textual_head.project_visual(features)
             tokens = pad_tokens([x["caption_tokens"] for x in batched_inputs], device)
-            losses = {"loss_caption_forward": self._caption_loss(visual, tokens, 0)}
+            losses = {"loss_caption_forward": self.caption_loss(visual, tokens, 0)}
             if self.task == "bicaptioning":
                 back = pad_tokens([x["noitpac_tokens"] for x in batched_inputs], device)
-                losses["loss_caption_backward"] = self._caption_loss(visual, back, 1)
+                losses["loss_caption_backward"] = self.caption_loss(visual, back, 1)
             return losses
         if self.task == "masked_lm":
             visual = self.textual_head.project_visual(features)
