@@ -88,7 +88,7 @@ def test_finished_stage_is_reused_and_half_finished_one_resumed(tmp_path):
     stage = _stage(tmp_path)
     runner = _FakeRunner(str(REPO), threads=1)
     runner.commands = []
-    assert finished(stage, "") is None
+    assert finished(stage, "", str(REPO)) is None
     # Interrupted: a checkpoint but no marker -> --resume.
     os.makedirs(stage.output_dir)
     (tmp_path / "stage" / "last_checkpoint").write_text("model_0000049.pth")
@@ -104,12 +104,36 @@ def test_finished_stage_is_reused_and_half_finished_one_resumed(tmp_path):
     assert "--resume" not in runner.commands[1]
 
 
+def test_edited_config_or_new_weights_are_not_taken_for_a_finished_stage(tmp_path):
+    base = REPO / "configs" / "demo" / "mask_rcnn_R_18_FPN.yaml"
+    config = tmp_path / "leaf.yaml"
+    config.write_text(f'_BASE_: "{base}"\nSOLVER:\n  BASE_LR: 0.02\n')
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"first backbone")
+    stage = P.TrainStage("finetune/coco/virtex/seed1", str(config), ["SEED", "1"],
+                         str(tmp_path / "stage"))
+    runner = _FakeRunner(str(REPO), threads=1)
+    runner.commands = []
+    runner.run(stage, str(weights))
+    assert finished(stage, str(weights), str(REPO)) is not None
+    # An edit inside a config file (not on the command line) makes it another run.
+    config.write_text(f'_BASE_: "{base}"\nSOLVER:\n  BASE_LR: 0.01\n')
+    with pytest.raises(StageError, match="resolved config or initial weights differ"):
+        finished(stage, str(weights), str(REPO))
+    config.write_text(f'_BASE_: "{base}"\nSOLVER:\n  BASE_LR: 0.02\n')
+    assert finished(stage, str(weights), str(REPO)) is not None
+    # So does a re-pretrained backbone at the same path.
+    weights.write_bytes(b"second backbone")
+    with pytest.raises(StageError, match="resolved config or initial weights differ"):
+        finished(stage, str(weights), str(REPO))
+
+
 def test_directory_of_another_configuration_is_refused(tmp_path):
     stage = _stage(tmp_path)
     write_json(os.path.join(stage.output_dir, STARTED),
                {"signature": {"config": stage.config, "opts": ["SEED", "7"]}})
     with pytest.raises(StageError, match="another configuration"):
-        finished(stage, "")
+        finished(stage, "", str(REPO))
 
 
 def test_results_json_shape_means_and_seeds():

@@ -71,7 +71,7 @@ class Demo:
     def train(self, stage: P.TrainStage, runner: Runner, weights: str = "") -> dict:
         from .stages import finished
 
-        reused = finished(stage, weights) is not None
+        reused = finished(stage, weights, runner.repo) is not None
         marker = dict(runner.run(stage, weights))
         marker["_reused"] = reused
         say(f"    (elapsed {fmt_seconds(time.time() - self.start)})")

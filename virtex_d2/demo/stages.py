@@ -11,10 +11,14 @@ Reuse: a finished stage leaves ``demo_stage.json`` (its command signature, the e
 results, wall and CPU time). A stage with that marker is skipped; one without it but with a
 Detectron2 ``last_checkpoint`` is continued with ``--resume`` (train_net then only evaluates
 when training had finished). A marker or a started-run record with another signature stops
-the demo rather than mixing two configurations in one directory.
+the demo rather than mixing two configurations in one directory. The signature holds the
+command line *and* digests of the resolved config and of the initial weights file, so editing
+a config file (or re-pretraining the backbone a fine-tune starts from) is not mistaken for a
+finished stage.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -68,21 +72,48 @@ def read_json(path: str) -> Optional[dict]:
         return None
 
 
-def signature(stage: TrainStage, weights: str) -> Dict[str, object]:
-    return {"config": stage.config, "opts": stage.command_opts(weights)}
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def finished(stage: TrainStage, weights: str) -> Optional[dict]:
+def signature(stage: TrainStage, weights: str, repo: str) -> Dict[str, object]:
+    """What a stage's result depends on: its command line, the config it resolves to (the
+    config file, its ``_BASE_`` chain and the overrides) and the initial weights' bytes."""
+    from ..captioner import load_config
+
+    cfg = load_config(os.path.join(repo, stage.config), stage.command_opts(weights))
+    return {
+        "config": stage.config,
+        "opts": stage.command_opts(weights),
+        "config_digest": hashlib.sha256(cfg.dump().encode()).hexdigest(),
+        "weights_digest": _file_digest(weights) if weights else "",
+    }
+
+
+def finished(stage: TrainStage, weights: str, repo: str) -> Optional[dict]:
     """The marker of a finished stage with this signature, else None (StageError if the
     directory holds a different run)."""
-    sig = signature(stage, weights)
+    sig = signature(stage, weights, repo)
     for name in (MARKER, STARTED):
         record = read_json(os.path.join(stage.output_dir, name))
-        if record is not None and record.get("signature") != sig:
+        if record is None or record.get("signature") == sig:
+            continue
+        old = record.get("signature") or {}
+        if {k: old.get(k) for k in ("config", "opts")} == {k: sig[k] for k in ("config", "opts")}:
             raise StageError(
-                f"{stage.output_dir} holds a run of another configuration "
-                f"({record.get('signature')}); use another --output or delete that directory"
+                f"{stage.output_dir} holds a run of the same command whose resolved config or "
+                "initial weights differ from the current ones (a config file or the pretrained "
+                "backbone changed since, or it was written by an older virtex-d2); delete that "
+                "directory to rerun it, or use another --output"
             )
+        raise StageError(
+            f"{stage.output_dir} holds a run of another configuration "
+            f"({old}); use another --output or delete that directory"
+        )
     return read_json(os.path.join(stage.output_dir, MARKER))
 
 
@@ -102,13 +133,13 @@ class Runner:
     def run(self, stage: TrainStage, weights: str = "", index: str = "") -> dict:
         """Run (or reuse, or resume) ``stage``; returns its marker record."""
         tag = f"[{index} {stage.name}]" if index else f"[{stage.name}]"
-        done = finished(stage, weights)
+        done = finished(stage, weights, self.repo)
         if done is not None:
             say(f"{tag} already finished ({fmt_seconds(done['seconds'])}): reused")
             return done
         resume = os.path.isfile(os.path.join(stage.output_dir, "last_checkpoint"))
         write_json(os.path.join(stage.output_dir, STARTED),
-                   {"signature": signature(stage, weights)})
+                   {"signature": signature(stage, weights, self.repo)})
         cmd = self.command(stage, weights, resume)
         say(f"{tag} {'resuming' if resume else 'starting'}: {shlex.join(cmd[1:])}")
         start = time.time()
@@ -116,7 +147,7 @@ class Runner:
         seconds = time.time() - start
         results = final_evaluation(os.path.join(stage.output_dir, "metrics.json"))
         record = {
-            "signature": signature(stage, weights),
+            "signature": signature(stage, weights, self.repo),
             "seconds": round(seconds, 1),
             # CPU time of the run's process tree: unlike wall time, it hardly depends on the
             # load of the machine, so it shows what the stage costs on a quiet one.
