@@ -69,9 +69,10 @@ class Demo:
         return marker
 
     def train(self, stage: P.TrainStage, runner: Runner, weights: str = "") -> dict:
-        from .stages import finished
+        from .stages import MARKER
 
-        reused = finished(stage, weights, runner.repo) is not None
+        # A marker of another run makes runner.run raise, so an existing one means reuse.
+        reused = os.path.isfile(os.path.join(stage.output_dir, MARKER))
         marker = dict(runner.run(stage, weights))
         marker["_reused"] = reused
         say(f"    (elapsed {fmt_seconds(time.time() - self.start)})")
@@ -126,13 +127,13 @@ def run(args: argparse.Namespace, repo: str) -> dict:
     demo.log_stage("convert backbones", time.time() - t)
 
     t = time.time()
-    from .captions import caption_val_images, grounding_of
+    from .captions import caption_report
 
     bicap = pre["bicaptioning"]
-    model_args = (os.path.join(repo, bicap.config), bicap.opts + ["OUTPUT_DIR", bicap.output_dir],
-                  os.path.join(bicap.output_dir, "model_final.pth"))
-    captions = caption_val_images(*model_args)
-    grounding = grounding_of(*model_args, count=8 if demo.mode == "smoke" else 48)
+    captions, grounding = caption_report(
+        os.path.join(repo, bicap.config), bicap.opts + ["OUTPUT_DIR", bicap.output_dir],
+        os.path.join(bicap.output_dir, "model_final.pth"),
+        grounding_images=8 if demo.mode == "smoke" else 48)
     write_json(os.path.join(out, "captions.json"), {"captions": captions, "grounding": grounding})
     demo.log_stage("caption validation images", time.time() - t)
 

@@ -94,10 +94,11 @@ def signature(stage: TrainStage, weights: str, repo: str) -> Dict[str, object]:
     }
 
 
-def finished(stage: TrainStage, weights: str, repo: str) -> Optional[dict]:
-    """The marker of a finished stage with this signature, else None (StageError if the
-    directory holds a different run)."""
-    sig = signature(stage, weights, repo)
+def finished(stage: TrainStage, weights: str, repo: str,
+             sig: Optional[Dict[str, object]] = None) -> Optional[dict]:
+    """The marker of a finished stage with this signature (``sig``, computed if not given),
+    else None (StageError if the directory holds a different run)."""
+    sig = sig or signature(stage, weights, repo)
     for name in (MARKER, STARTED):
         record = read_json(os.path.join(stage.output_dir, name))
         if record is None or record.get("signature") == sig:
@@ -133,13 +134,15 @@ class Runner:
     def run(self, stage: TrainStage, weights: str = "", index: str = "") -> dict:
         """Run (or reuse, or resume) ``stage``; returns its marker record."""
         tag = f"[{index} {stage.name}]" if index else f"[{stage.name}]"
-        done = finished(stage, weights, self.repo)
+        # Resolving the config and hashing the weights costs ~1 s: done once per run.
+        sig = signature(stage, weights, self.repo)
+        done = finished(stage, weights, self.repo, sig)
         if done is not None:
             say(f"{tag} already finished ({fmt_seconds(done['seconds'])}): reused")
             return done
         resume = os.path.isfile(os.path.join(stage.output_dir, "last_checkpoint"))
         write_json(os.path.join(stage.output_dir, STARTED),
-                   {"signature": signature(stage, weights, self.repo)})
+                   {"signature": sig})
         cmd = self.command(stage, weights, resume)
         say(f"{tag} {'resuming' if resume else 'starting'}: {shlex.join(cmd[1:])}")
         start = time.time()
@@ -147,7 +150,7 @@ class Runner:
         seconds = time.time() - start
         results = final_evaluation(os.path.join(stage.output_dir, "metrics.json"))
         record = {
-            "signature": signature(stage, weights, self.repo),
+            "signature": sig,
             "seconds": round(seconds, 1),
             # CPU time of the run's process tree: unlike wall time, it hardly depends on the
             # load of the machine, so it shows what the stage costs on a quiet one.

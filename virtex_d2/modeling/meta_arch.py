@@ -17,7 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
 
-from ..config import PRETRAINING_TASKS
+from ..config import CAPTIONING_TASKS, PRETRAINING_TASKS
 from ..data.tokenizer import EOS_ID, PAD_ID, SOS_ID
 from .decoding import beam_search, greedy_decode, nucleus_sample
 from .textual_head import build_textual_head
@@ -99,7 +99,7 @@ class VirTex(nn.Module):
             "seed": v.DECODER.SEED,
             "use_cache": v.DECODER.USE_CACHE,
         }
-        if v.TASK in ("bicaptioning", "captioning", "masked_lm"):
+        if v.TASK in (*CAPTIONING_TASKS, "masked_lm"):
             args["textual_head"] = build_textual_head(
                 cfg, channels, num_directions=2 if v.TASK == "bicaptioning" else 1
             )
@@ -145,7 +145,7 @@ class VirTex(nn.Module):
 
     def losses(self, features: torch.Tensor, batched_inputs: list[dict]) -> dict:
         device = self.device
-        if self.task in ("bicaptioning", "captioning"):
+        if self.task in CAPTIONING_TASKS:
             visual = self.textual_head.project_visual(features)
             tokens = pad_tokens([x["caption_tokens"] for x in batched_inputs], device)
             losses = {"loss_caption_forward": self.caption_loss(visual, tokens, 0)}
@@ -176,7 +176,7 @@ class VirTex(nn.Module):
 
     # ---------------------------------------------------------------------------- inference
     def inference(self, features: torch.Tensor, batched_inputs: list[dict]) -> list[dict]:
-        if self.task in ("bicaptioning", "captioning"):
+        if self.task in CAPTIONING_TASKS:
             token_lists = self.generate(features)
             return [
                 {"caption": self.tokenizer.decode(t), "tokens": t} for t in token_lists
