@@ -46,13 +46,12 @@ from PIL import Image, ImageOps
 from torch import nn
 from tqdm import tqdm
 
-from .config import CAPTIONING_TASKS
+from .config import CAPTIONING_TASKS, DECODERS
 from .data.tokenizer import SOS_ID, SPECIAL_TOKENS, CaptionTokenizer
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-DECODERS = ("beam", "greedy", "nucleus")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
@@ -388,7 +387,7 @@ def model_tool_parser(doc: str, input_help: str, output_help: str) -> "argparse.
     parser.add_argument("--output", required=True, help=output_help)
     parser.add_argument(
         "--decoder",
-        choices=("beam", "greedy", "nucleus"),
+        choices=DECODERS,
         help="default: the config's MODEL.VIRTEX.DECODER.NAME",
     )
     return parser

@@ -15,6 +15,10 @@ PRETRAINING_TASKS = (
 )
 # The tasks whose textual head generates captions (left to right).
 CAPTIONING_TASKS = ("bicaptioning", "captioning")
+# Caption decoders (MODEL.VIRTEX.DECODER.NAME). "reference_*" reproduce the reference
+# implementation's decoders exactly (see modeling/reference_decoding.py); imported reference
+# checkpoints use "reference_beam".
+DECODERS = ("beam", "greedy", "nucleus", "reference_beam", "reference_nucleus")
 
 
 def add_virtex_config(cfg: CN) -> None:
@@ -52,6 +56,9 @@ def add_virtex_config(cfg: CN) -> None:
     _C.MODEL.VIRTEX.TEXTUAL_HEAD.DROPOUT = 0.1
     # False: post-norm (paper default); True: pre-norm variant.
     _C.MODEL.VIRTEX.TEXTUAL_HEAD.NORM_FIRST = False
+    # Pre-norm only: a LayerNorm after the last layer, so the tied output layer sees normalised
+    # features. The reference's pre-norm head has none (imported models set this False).
+    _C.MODEL.VIRTEX.TEXTUAL_HEAD.PRE_NORM_FINAL_NORM = True
     # Standard deviation of the normal init of every linear/embedding weight of the head
     # (biases zero). 0.02 is BERT's and the paper's. The visual signal reaches the words
     # through a chain of such matrices (projection, cross-attention values, output), so with
@@ -61,9 +68,14 @@ def add_virtex_config(cfg: CN) -> None:
 
     # Caption decoding at inference (eval mode of the captioning tasks).
     _C.MODEL.VIRTEX.DECODER = CN()
-    # "beam" (paper), "greedy" or "nucleus".
+    # One of DECODERS: "beam" (paper), "greedy", "nucleus", or the reference implementation's
+    # own beam search / nucleus sampling ("reference_beam" / "reference_nucleus"), which
+    # imported reference checkpoints need to reproduce the authors' captions token for token.
     _C.MODEL.VIRTEX.DECODER.NAME = "beam"
     _C.MODEL.VIRTEX.DECODER.BEAM_SIZE = 5
+    # reference_beam only: candidates kept per beam at each step before the best BEAM_SIZE of
+    # all beams are chosen (the reference's per_node_beam_size).
+    _C.MODEL.VIRTEX.DECODER.PER_NODE_BEAM_SIZE = 2
     # Maximum number of generated tokens ([EOS] included).
     _C.MODEL.VIRTEX.DECODER.MAX_LENGTH = 30
     # Beam scores are divided by length ** LENGTH_PENALTY; 0 disables it.
@@ -76,12 +88,16 @@ def add_virtex_config(cfg: CN) -> None:
     # at every step; kept for testing and benchmarking only).
     _C.MODEL.VIRTEX.DECODER.USE_CACHE = True
 
-    # Masked language modelling (BERT recipe).
+    # Masked language modelling.
     _C.MODEL.VIRTEX.MLM = CN()
+    # "reference" (the paper's runs): exactly ceil(MASK_PROBABILITY * n) of the n caption tokens
+    # are chosen (a single chosen token always becomes [MASK]); of the chosen,
+    # MASK_TOKEN_PROBABILITY become [MASK], REPLACE_PROBABILITY a random token, the rest stay;
+    # only [MASK]ed positions are predicted. "bert": each token is chosen with probability
+    # MASK_PROBABILITY (at least one), and every chosen position is predicted.
+    _C.MODEL.VIRTEX.MLM.RULE = "reference"
     _C.MODEL.VIRTEX.MLM.MASK_PROBABILITY = 0.15
-    # Of the selected tokens: this fraction becomes [MASK], REPLACE_PROBABILITY a random token,
-    # the rest stays unchanged.
-    _C.MODEL.VIRTEX.MLM.MASK_TOKEN_PROBABILITY = 0.8
+    _C.MODEL.VIRTEX.MLM.MASK_TOKEN_PROBABILITY = 0.85
     _C.MODEL.VIRTEX.MLM.REPLACE_PROBABILITY = 0.1
 
     # The last BN of every residual branch starts at zero (torchvision's zero_init_residual),
@@ -102,6 +118,10 @@ def add_virtex_config(cfg: CN) -> None:
     _C.INPUT.VIRTEX.COLOR_JITTER.SATURATION = 0.4
     # Small, because captions name colours.
     _C.INPUT.VIRTEX.COLOR_JITTER.HUE = 0.1
+    # False: resize like OpenCV's INTER_LINEAR (bilinear, no antialiasing), as the reference
+    # implementation's albumentations pipeline does; True: Pillow's antialiased bilinear.
+    # Applies to the random-resized crop and the evaluation resize.
+    _C.INPUT.VIRTEX.RESIZE_ANTIALIAS = True
     # Evaluation: resize the shorter side, then centre-crop a square.
     _C.INPUT.VIRTEX.TEST_RESIZE = 256
     _C.INPUT.VIRTEX.TEST_CROP_SIZE = 224
@@ -121,6 +141,10 @@ def add_virtex_config(cfg: CN) -> None:
     _C.SOLVER.VIRTEX.LOOKAHEAD.ENABLED = True
     _C.SOLVER.VIRTEX.LOOKAHEAD.ALPHA = 0.5
     _C.SOLVER.VIRTEX.LOOKAHEAD.STEPS = 5
+    # With LR_SCHEDULER_NAME "WarmupCosineLR": True decays over the iterations after warm-up
+    # (the reference's schedule: the cosine starts at 1 when warm-up ends and reaches 0 at
+    # MAX_ITER); False is Detectron2's curve, computed from iteration 0 and scaled during warm-up.
+    _C.SOLVER.VIRTEX.COSINE_AFTER_WARMUP = True
     # Clip the norm of all gradients together (not per parameter as Detectron2's CLIP_GRADIENTS).
     _C.SOLVER.VIRTEX.CLIP_GRAD_NORM = 10.0
     # Use torch.optim.SGD's fused/foreach kernels when available.

@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[UNK]", "[SOS]", "[EOS]", "[MASK]")
 PAD_ID, UNK_ID, SOS_ID, EOS_ID, MASK_ID = 0, 0, 1, 2, 3
+# How SentencePiece (and so the reference implementation) writes an unknown piece in text.
+UNK_SURFACE = " \u2047 "
+# Marks a word start inside sub-word pieces (SentencePiece / HF Metaspace).
+WORD_START = "\u2581"
 
 
 def _read_captions(captions_json: str | os.PathLike) -> Iterator[str]:
@@ -118,8 +122,24 @@ class CaptionTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; special tokens (padding included) are dropped."""
-        return self._tok.decode([int(i) for i in ids if int(i) >= len(SPECIAL_TOKENS)])
+        """Text of ``ids`` as SentencePiece writes it: decoding stops at the first [EOS] (what
+        follows is padding), [SOS]/[MASK] are dropped, an unknown piece (id 0 before [EOS], which
+        a decoder can generate) becomes " \u2047 ", each "\u2581" becomes a space, and the
+        word-start space is dropped while nothing has been written yet.
+        """
+        text = ""
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i == UNK_ID:
+                text += UNK_SURFACE
+            elif i >= len(SPECIAL_TOKENS):
+                piece = self._tok.id_to_token(i)
+                if not text and piece.startswith(WORD_START):
+                    piece = piece[1:]
+                text += piece.replace(WORD_START, " ")
+        return text
 
     def id_to_token(self, i: int) -> str:
         return self._tok.id_to_token(int(i))

@@ -17,6 +17,7 @@ class WordAndPositionalEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, dropout: float = 0.1,
                  max_caption_length: int = 30, padding_idx: int = 0):
         super().__init__()
+        self.padding_idx = padding_idx
         self.words = nn.Embedding(vocab_size, hidden_size, padding_idx=padding_idx)
         self.positions = nn.Embedding(max_caption_length, hidden_size)
         # eps as in the reference implementation.
@@ -35,4 +36,8 @@ class WordAndPositionalEmbedding(nn.Module):
         positions = torch.arange(start_position, start_position + length, device=tokens.device)
         # shape: (B, L, H)
         x = self.words(tokens) + self.positions(positions).unsqueeze(0)
-        return self.dropout(self.layer_norm(x))
+        x = self.dropout(self.layer_norm(x))
+        # Padding positions become exact zeros, as in the reference implementation. Training
+        # never reads them (they are masked as keys and ignored as targets), but a decoder may
+        # generate id 0 mid-caption, and the reference then feeds a zero vector.
+        return x * (tokens != self.padding_idx).unsqueeze(-1).to(x.dtype)

@@ -17,9 +17,10 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
 
-from ..config import CAPTIONING_TASKS, PRETRAINING_TASKS
+from ..config import CAPTIONING_TASKS, DECODERS, PRETRAINING_TASKS
 from ..data.tokenizer import EOS_ID, PAD_ID, SOS_ID
 from .decoding import beam_search, greedy_decode, nucleus_sample
+from .reference_decoding import ban_last_token, reference_beam_search, reference_nucleus_sample
 from .textual_head import build_textual_head
 
 
@@ -54,6 +55,7 @@ class VirTex(nn.Module):
         tokenizer=None,
         decoder: str = "beam",
         beam_size: int = 5,
+        per_node_beam_size: int = 2,
         max_decode_length: int = 30,
         length_penalty: float = 0.0,
         top_p: float = 0.9,
@@ -63,14 +65,15 @@ class VirTex(nn.Module):
         super().__init__()
         if task not in PRETRAINING_TASKS:
             raise ValueError(f"MODEL.VIRTEX.TASK must be one of {PRETRAINING_TASKS}, got {task!r}")
-        if decoder not in ("beam", "greedy", "nucleus"):
-            raise ValueError(f"MODEL.VIRTEX.DECODER.NAME must be beam/greedy/nucleus, got {decoder!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"MODEL.VIRTEX.DECODER.NAME must be one of {DECODERS}, got {decoder!r}")
         self.backbone = backbone
         self.task = task
         self.textual_head = textual_head
         self.classifier = classifier
         self.tokenizer = tokenizer
         self.decoder, self.beam_size, self.max_decode_length = decoder, beam_size, max_decode_length
+        self.per_node_beam_size = per_node_beam_size
         self.length_penalty, self.top_p, self.seed = length_penalty, top_p, seed
         self.use_cache = use_cache
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -93,6 +96,7 @@ class VirTex(nn.Module):
             "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
             "decoder": v.DECODER.NAME,
             "beam_size": v.DECODER.BEAM_SIZE,
+            "per_node_beam_size": v.DECODER.PER_NODE_BEAM_SIZE,
             "max_decode_length": min(v.DECODER.MAX_LENGTH, v.MAX_CAPTION_LENGTH),
             "length_penalty": v.DECODER.LENGTH_PENALTY,
             "top_p": v.DECODER.TOP_P,
@@ -230,8 +234,40 @@ class VirTex(nn.Module):
             tokens, _ = beam_search(step, reorder, b, self.beam_size,
                                     length_penalty=self.length_penalty, **common)
             return tokens
+        if decoder == "reference_beam":
+            return self._reference_beam(visual, use_cache)
         step, _ = self.make_step(visual, use_cache)
+        gen = torch.Generator(device=visual.device).manual_seed(self.seed)
+        if decoder == "reference_nucleus":
+            return reference_nucleus_sample(
+                lambda prefix: ban_last_token(step(prefix), prefix), b, SOS_ID, EOS_ID,
+                self.max_decode_length, visual.device, top_p=self.top_p, generator=gen,
+            )
         if decoder == "greedy":
             return greedy_decode(step, b, **common)
-        gen = torch.Generator(device=visual.device).manual_seed(self.seed)
         return nucleus_sample(step, b, top_p=self.top_p, generator=gen, **common)
+
+    def _reference_beam(self, visual: torch.Tensor, use_cache: bool) -> list[list[int]]:
+        """The reference's beam search over visual tokens (B, n_grid, H); see
+        ``reference_decoding``. Its first step sees [SOS]; later steps see the generated
+        tokens alone (no [SOS]) at positions 0.., so the cache starts empty at step two."""
+        head = self.textual_head
+        b = visual.shape[0]
+        sos = torch.full((b, 1), SOS_ID, dtype=torch.long, device=visual.device)
+
+        def first_step() -> torch.Tensor:
+            hidden, _ = head(sos, head.memory(visual, 0), 0, causal=True)
+            return ban_last_token(F.log_softmax(head.logits(hidden[:, -1]).float(), dim=-1), sos)
+
+        step, reorder = self.make_step(visual.repeat_interleave(self.beam_size, dim=0), use_cache)
+        tokens, _ = reference_beam_search(
+            first_step,
+            lambda prefix: ban_last_token(step(prefix), prefix),
+            reorder,
+            b,
+            self.beam_size,
+            EOS_ID,
+            self.max_decode_length,
+            self.per_node_beam_size,
+        )
+        return tokens

@@ -51,7 +51,7 @@ class TransformerTextualHead(nn.Module):
         def stack() -> TransformerDecoder:
             return TransformerDecoder(
                 t.NUM_LAYERS, t.HIDDEN_SIZE, t.NUM_HEADS, t.FEEDFORWARD_SIZE, t.DROPOUT,
-                t.NORM_FIRST,
+                t.NORM_FIRST, t.PRE_NORM_FINAL_NORM,
             )
 
         self.transformer = stack()

@@ -136,15 +136,16 @@ class TransformerDecoder(nn.Module):
     """A stack of ``DecoderLayer``s (plus a final LayerNorm for pre-norm stacks)."""
 
     def __init__(self, num_layers: int, hidden_size: int, num_heads: int, feedforward_size: int,
-                 dropout: float = 0.1, norm_first: bool = False):
+                 dropout: float = 0.1, norm_first: bool = False, final_norm: bool = True):
         super().__init__()
         self.layers = nn.ModuleList(
             DecoderLayer(hidden_size, num_heads, feedforward_size, dropout, norm_first)
             for _ in range(num_layers)
         )
         # Pre-norm layers leave the residual stream un-normalised; the tied output layer
-        # expects normalised features. (Post-norm stacks end in a LayerNorm already.)
-        self.final_norm = nn.LayerNorm(hidden_size) if norm_first else nn.Identity()
+        # expects normalised features. (Post-norm stacks end in a LayerNorm already.) The
+        # reference's pre-norm stack has none, so imported pre-norm models turn it off.
+        self.final_norm = nn.LayerNorm(hidden_size) if norm_first and final_norm else nn.Identity()
 
     def memory_key_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values of each layer for memory (B, N, H); computed once per
