@@ -123,7 +123,9 @@ def translate_config(reference: Mapping[str, Any]) -> Translation:
     v["MODEL.VIRTEX.TASK"] = task
     handled = {"MODEL.NAME", "MODEL.TEXTUAL.NAME", "OPTIM.LR_DECAY_NAME", "OPTIM.LR_STEPS",
                "OPTIM.LR_GAMMA"}
-    v.update(_textual(flat.get("MODEL.TEXTUAL.NAME", "none"), task))
+    # Missing keys take the reference's defaults (its config.py).
+    default_head = "transdec_postnorm::L1_H2048_A32_F8192"
+    v.update(_textual(flat.get("MODEL.TEXTUAL.NAME", default_head), task))
     v.update(_schedule(flat))
     for i, key in enumerate(("DATA.UNK_INDEX", "DATA.SOS_INDEX", "DATA.EOS_INDEX",
                              "DATA.MASK_INDEX")):
