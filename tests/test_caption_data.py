@@ -68,12 +68,12 @@ def test_random_resized_crop_and_jitter_shapes():
     assert not np.array_equal(jittered, img)
 
 
-def test_mlm_masking_statistics():
+def test_mlm_bert_rule_statistics():
     rng = np.random.RandomState(0)
     tokens = [SOS_ID] + list(range(10, 30)) + [EOS_ID]
     picked = masked = replaced = 0
     for _ in range(2000):
-        corrupted, labels = mask_tokens(tokens, 100, 0.15, 0.8, 0.1, rng)
+        corrupted, labels = mask_tokens(tokens, 100, 0.15, 0.8, 0.1, rng, rule="bert")
         assert labels[0] == labels[-1] == 0 and corrupted[0] == SOS_ID
         sel = [i for i, lab in enumerate(labels) if lab]
         assert sel, "at least one token is always selected"
@@ -83,6 +83,32 @@ def test_mlm_masking_statistics():
     assert 0.13 < picked / (2000 * 20) < 0.17
     assert 0.75 < masked / picked < 0.85
     assert 0.06 < replaced / picked < 0.12  # a random token may equal the original
+
+
+def test_mlm_reference_rule_counts_and_targets():
+    """The reference's rule: exactly ceil(0.15 n) positions; 85% [MASK], 10% random, 5% kept;
+    only [MASK]ed positions are predicted; a single chosen position is always [MASK]."""
+    rng = np.random.RandomState(0)
+    tokens = [SOS_ID] + list(range(10, 30)) + [EOS_ID]  # n = 20 -> 3 positions
+    masked = replaced = kept = 0
+    for _ in range(3000):
+        corrupted, labels = mask_tokens(tokens, 100, 0.15, 0.85, 0.10, rng)
+        changed = [i for i in range(len(tokens)) if corrupted[i] != tokens[i]]
+        is_mask = [i for i in changed if corrupted[i] == MASK_ID]
+        assert [i for i, lab in enumerate(labels) if lab] == is_mask  # targets = [MASK] only
+        assert all(labels[i] == tokens[i] for i in is_mask)
+        assert len(changed) <= 3 and corrupted[0] == SOS_ID and corrupted[-1] == EOS_ID
+        masked += len(is_mask)
+        replaced += len(changed) - len(is_mask)
+    kept = 3 * 3000 - masked - replaced  # kept, or replaced by the same token (1 in 96)
+    assert 0.83 < masked / 9000 < 0.87
+    assert 0.08 < replaced / 9000 < 0.12
+    assert 0.03 < kept / 9000 < 0.07
+    for n in range(1, 7):  # ceil(0.15 n) = 1: the chosen token always becomes [MASK]
+        short = [SOS_ID] + list(range(10, 10 + n)) + [EOS_ID]
+        for _ in range(50):
+            corrupted, labels = mask_tokens(short, 100, 0.15, 0.85, 0.10, rng)
+            assert corrupted.count(MASK_ID) == 1 and sum(bool(lab) for lab in labels) == 1
 
 
 def _record(tmp_path, caption, size=(80, 60)):

@@ -181,7 +181,8 @@ def test_protocols_match_the_paper():
     assert not nat.MODEL.CLASSIFIER.FREEZE_BACKBONE and nat.MODEL.CLASSIFIER.NUM_CLASSES == 8142
     svm = load_cfg(REPO / "configs/classification/voc07_svm_R_50_virtex.yaml").TEST.VOC07_SVM
     assert tuple(svm.COSTS) == (0.01, 0.1, 1.0, 10.0) and svm.CV_FOLDS == 3
-    assert (svm.POSITIVE_WEIGHT, svm.RESIZE, svm.L2_NORMALIZE) == (2.0, 224, True)
+    assert (svm.POSITIVE_WEIGHT, svm.L2_NORMALIZE) == (2.0, True)
+    assert (svm.RESIZE_MODE, svm.RESIZE, svm.CROP_SIZE) == ("shorter", 256, 224)
 
     # No warmup, then cosine: full LR at the start, half of it midway (one tiny optimiser).
     lin.merge_from_list(["SOLVER.MAX_ITER", 100])
@@ -494,7 +495,8 @@ def test_voc07_svm_tool_beats_chance_and_caches_features(tmp_path, monkeypatch):
             "--config-file", str(SYN_CONFIGS[0]), "--dataset", f"{trainval},{test}",
             "--weights", str(weights), "--weights-source", source, "--json", str(out),
             "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0", "--jobs", "1",
-            "MODEL.DEVICE", "cpu", "TEST.VOC07_SVM.RESIZE", "64", *opts,
+            "MODEL.DEVICE", "cpu", "TEST.VOC07_SVM.RESIZE", "64",
+            "TEST.VOC07_SVM.CROP_SIZE", "64", *opts,
         ])  # fmt: skip
         assert json.loads(out.read_text())["mAP"] == pytest.approx(res["mAP"])
         return res

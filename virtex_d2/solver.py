@@ -90,3 +90,47 @@ def build_virtex_optimizer(cfg, model: nn.Module) -> LookaheadSGD:
         lookahead_steps=v.LOOKAHEAD.STEPS if v.LOOKAHEAD.ENABLED else 0,
         foreach=True if v.FOREACH else None,
     )
+
+
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler._LRScheduler:
+    """Detectron2's scheduler, except ``WarmupCosineLR`` with ``SOLVER.VIRTEX.COSINE_AFTER_WARMUP``:
+    linear (or constant) warm-up to 1 over ``WARMUP_ITERS``, then a cosine from 1 to 0 over the
+    remaining iterations, as the reference implementation schedules pretraining.
+
+    Raises ValueError for a schedule that cannot train: warm-up as long as the whole run, which
+    would keep the learning rate below its target (at 0 with WARMUP_FACTOR 0) throughout.
+    """
+    from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
+    from detectron2.solver.lr_scheduler import LRMultiplier
+    from fvcore.common.param_scheduler import (
+        CompositeParamScheduler,
+        ConstantParamScheduler,
+        CosineParamScheduler,
+        LinearParamScheduler,
+    )
+
+    s = cfg.SOLVER
+    if s.WARMUP_ITERS >= s.MAX_ITER > 0:
+        raise ValueError(
+            f"SOLVER.WARMUP_ITERS ({s.WARMUP_ITERS}) >= SOLVER.MAX_ITER ({s.MAX_ITER}): the "
+            "learning rate would never leave warm-up (it stays near "
+            f"{s.WARMUP_FACTOR} x BASE_LR for the whole run); lower SOLVER.WARMUP_ITERS "
+            f"below {s.MAX_ITER}, e.g. {max(s.MAX_ITER // 10, 0)}"
+        )
+    after_warmup = s.LR_SCHEDULER_NAME == "WarmupCosineLR" and s.VIRTEX.COSINE_AFTER_WARMUP
+    if not after_warmup or s.WARMUP_ITERS == 0:
+        return d2_build_lr_scheduler(cfg, optimizer)
+    if s.WARMUP_METHOD == "linear":
+        warmup = LinearParamScheduler(s.WARMUP_FACTOR, 1.0)
+    elif s.WARMUP_METHOD == "constant":
+        warmup = ConstantParamScheduler(s.WARMUP_FACTOR)
+    else:
+        raise ValueError(f"SOLVER.WARMUP_METHOD must be linear or constant, got {s.WARMUP_METHOD}")
+    end = s.BASE_LR_END / s.BASE_LR if "BASE_LR_END" in s and s.BASE_LR else 0.0
+    fraction = s.WARMUP_ITERS / s.MAX_ITER
+    schedule = CompositeParamScheduler(
+        [warmup, CosineParamScheduler(1.0, end)],
+        lengths=[fraction, 1.0 - fraction],
+        interval_scaling=["rescaled", "rescaled"],
+    )
+    return LRMultiplier(optimizer, multiplier=schedule, max_iter=s.MAX_ITER)

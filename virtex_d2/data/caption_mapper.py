@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,14 @@ from detectron2.data import transforms as T
 
 from .detection_mapper import read_image_checked
 from .tokenizer import EOS_ID, MASK_ID, SOS_ID, CaptionTokenizer
-from .transforms import CenterCrop, ColorJitter, RandomResizedCrop, swap_left_right, was_flipped
+from .transforms import (
+    CenterCrop,
+    ColorJitter,
+    RandomResizedCrop,
+    ResizeShorterSide,
+    swap_left_right,
+    was_flipped,
+)
 from .vocabulary import resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -35,9 +43,11 @@ def build_caption_augmentations(cfg, is_train: bool) -> list[T.Augmentation]:
     """The paper's pretraining (train) or evaluation (resize + centre crop) augmentations."""
     v = cfg.INPUT.VIRTEX
     if not is_train:
-        return [T.ResizeShortestEdge(v.TEST_RESIZE, max_size=10**6), CenterCrop(v.TEST_CROP_SIZE)]
+        return [ResizeShorterSide(v.TEST_RESIZE, v.RESIZE_ANTIALIAS), CenterCrop(v.TEST_CROP_SIZE)]
     j = v.COLOR_JITTER
-    augs: list[T.Augmentation] = [RandomResizedCrop(v.CROP_SIZE, v.CROP_SCALE, v.CROP_RATIO)]
+    augs: list[T.Augmentation] = [
+        RandomResizedCrop(v.CROP_SIZE, v.CROP_SCALE, v.CROP_RATIO, v.RESIZE_ANTIALIAS)
+    ]
     if v.HFLIP_PROBABILITY > 0:
         augs.append(T.RandomFlip(prob=v.HFLIP_PROBABILITY, horizontal=True, vertical=False))
     if j.PROBABILITY > 0:
@@ -45,31 +55,47 @@ def build_caption_augmentations(cfg, is_train: bool) -> list[T.Augmentation]:
     return augs
 
 
+MLM_RULES = ("reference", "bert")
+
+
 def mask_tokens(
     tokens: list[int], vocab_size: int, mask_prob: float, mask_token_prob: float,
-    replace_prob: float, rng: np.random.RandomState | None = None,
+    replace_prob: float, rng: np.random.RandomState | None = None, rule: str = "reference",
 ) -> tuple[list[int], list[int]]:
-    """BERT masking of the caption body (never [SOS]/[EOS]); at least one token is selected.
+    """Corrupt the caption body (never [SOS]/[EOS]) for masked language modelling.
 
-    Returns (corrupted tokens, labels) where labels are 0 except at selected positions.
+    ``rule`` "reference" (the paper's runs): exactly ceil(mask_prob * n) of the n body positions
+    are chosen; a single chosen position always becomes [MASK]; otherwise each becomes [MASK]
+    with probability ``mask_token_prob``, a random ordinary token with ``replace_prob``, or stays;
+    only [MASK]ed positions get a label. "bert": each body position is chosen with probability
+    ``mask_prob`` (at least one), corrupted the same way, and every chosen position is labelled.
+
+    Returns (corrupted tokens, labels) where labels are 0 except at predicted positions.
     """
+    if rule not in MLM_RULES:
+        raise ValueError(f"MODEL.VIRTEX.MLM.RULE must be one of {MLM_RULES}, got {rule!r}")
     rng = rng or np.random
     body = np.arange(1, len(tokens) - 1)
     labels = [0] * len(tokens)
     corrupted = list(tokens)
     if len(body) == 0:
         return corrupted, labels
-    selected = body[rng.uniform(size=len(body)) < mask_prob]
-    if len(selected) == 0:
-        selected = np.array([rng.choice(body)])
+    if rule == "reference":
+        count = min(len(body), math.ceil(len(body) * mask_prob))
+        selected = rng.choice(body, size=count, replace=False)
+    else:
+        selected = body[rng.uniform(size=len(body)) < mask_prob]
+        if len(selected) == 0:
+            selected = np.array([rng.choice(body)])
     for pos in selected:
-        labels[pos] = tokens[pos]
-        r = rng.uniform()
+        r = 0.0 if len(selected) == 1 and rule == "reference" else rng.uniform()
         if r < mask_token_prob:
             corrupted[pos] = MASK_ID
         elif r < mask_token_prob + replace_prob:
             # Random ordinary token: special ids (< 4) are never sampled.
             corrupted[pos] = int(rng.randint(4, vocab_size))
+        if rule == "bert" or corrupted[pos] == MASK_ID:
+            labels[pos] = tokens[pos]
     return corrupted, labels
 
 
@@ -86,7 +112,8 @@ class CaptionDatasetMapper:
         task: str,
         max_caption_length: int = 30,
         image_format: str = "RGB",
-        mlm_probabilities: tuple[float, float, float] = (0.15, 0.8, 0.1),
+        mlm_probabilities: tuple[float, float, float] = (0.15, 0.85, 0.1),
+        mlm_rule: str = "reference",
     ):
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -95,6 +122,7 @@ class CaptionDatasetMapper:
         self.max_caption_length = max_caption_length
         self.image_format = image_format
         self.mlm_probabilities = mlm_probabilities
+        self.mlm_rule = mlm_rule
         self.vocab_size = tokenizer.get_vocab_size()
         logger.info(f"CaptionDatasetMapper ({'train' if is_train else 'test'}): {augmentations}")
 
@@ -111,6 +139,7 @@ class CaptionDatasetMapper:
             "mlm_probabilities": (
                 m.MLM.MASK_PROBABILITY, m.MLM.MASK_TOKEN_PROBABILITY, m.MLM.REPLACE_PROBABILITY
             ),
+            "mlm_rule": m.MLM.RULE,
         }
 
     def tokenize(self, caption: str) -> list[int]:
@@ -144,7 +173,8 @@ class CaptionDatasetMapper:
                 [SOS_ID, *tokens[-2:0:-1], EOS_ID], dtype=torch.long
             )
         elif self.task == "masked_lm":
-            masked, labels = mask_tokens(tokens, self.vocab_size, *self.mlm_probabilities)
+            masked, labels = mask_tokens(tokens, self.vocab_size, *self.mlm_probabilities,
+                                         rule=self.mlm_rule)
             d["masked_tokens"] = torch.tensor(masked, dtype=torch.long)
             d["mlm_labels"] = torch.tensor(labels, dtype=torch.long)
         elif self.task == "token_classification":

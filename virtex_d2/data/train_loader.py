@@ -71,6 +71,22 @@ def repeat_factors(cfg, records: list[dict]) -> list[float] | None:
     )
 
 
+def drop_unlabelled_for_multilabel(cfg, records: list[dict]) -> list[dict]:
+    """Multilabel pretraining learns from images with at least one instance, as the reference
+    does: an image without one has no target distribution (it would add a zero-loss row that
+    still counts in the batch mean). Other tasks keep every record."""
+    virtex = cfg.MODEL.get("VIRTEX")
+    if virtex is None or virtex.TASK != "multilabel_classification":
+        return records
+    kept = [r for r in records if r.get("labels")]
+    if len(kept) < len(records):
+        logger.info(
+            "multilabel_classification: dropped %d of %d training images that have no instance "
+            "annotation", len(records) - len(kept), len(records),
+        )
+    return kept
+
+
 def build_resumable_train_loader(cfg, mapper: Callable[[dict], Any]) -> ResumableTrainLoader:
     """The training loader of ``cfg`` with ``mapper``, after cleaning and checking the records."""
     records = load_training_records(cfg)
@@ -79,6 +95,7 @@ def build_resumable_train_loader(cfg, mapper: Callable[[dict], Any]) -> Resumabl
     records, _ = clean_instance_annotations(
         records, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, require_mask=cfg.MODEL.MASK_ON
     )
+    records = drop_unlabelled_for_multilabel(cfg, records)
     bad: dict[str, str] = {}
     if cfg.DATALOADER.VIRTEX_CHECK_FILES:
         records, bad = check_image_files(records, dataset_size, fraction)

@@ -10,6 +10,8 @@ import re
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from detectron2.data import transforms as T
 from PIL import Image, ImageEnhance
 
@@ -40,11 +42,66 @@ def was_flipped(transforms: T.TransformList) -> bool:
     return flips % 2 == 1
 
 
+class LinearResizeTransform(T.Transform):
+    """Bilinear resize without antialiasing, like OpenCV's ``INTER_LINEAR`` (half-pixel
+    centres): what the reference implementation's albumentations pipeline does. Pillow's
+    bilinear (Detectron2's ``ResizeTransform``) widens its filter when shrinking, which blurs
+    more; the two differ visibly for large downscales. Pixel values may differ from OpenCV's
+    fixed-point arithmetic by one grey level."""
+
+    def __init__(self, h: int, w: int, new_h: int, new_w: int):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        if (img.shape[0], img.shape[1]) == (self.new_h, self.new_w):
+            return img
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, size=(self.new_h, self.new_w), mode="bilinear",
+                          align_corners=False, antialias=False)
+        out = x[0].permute(1, 2, 0).numpy()
+        if img.dtype == np.uint8:
+            out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return out
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        coords[:, 0] = coords[:, 0] * (self.new_w / self.w)
+        coords[:, 1] = coords[:, 1] * (self.new_h / self.h)
+        return coords
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return T.ResizeTransform(self.h, self.w, self.new_h, self.new_w,
+                                 Image.NEAREST).apply_segmentation(segmentation)
+
+
+def resize_transform(h: int, w: int, new_h: int, new_w: int, antialias: bool) -> T.Transform:
+    """Pillow's antialiased bilinear resize, or OpenCV-style bilinear without antialiasing."""
+    if antialias:
+        return T.ResizeTransform(h, w, new_h, new_w, Image.BILINEAR)
+    return LinearResizeTransform(h, w, new_h, new_w)
+
+
+class ResizeShorterSide(T.Augmentation):
+    """Resize so the shorter side is ``size`` (aspect ratio kept), antialiased or not."""
+
+    def __init__(self, size: int, antialias: bool = True):
+        super().__init__()
+        self.size, self.antialias = int(size), antialias
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        h, w = image.shape[:2]
+        scale = self.size / min(h, w)
+        new_h, new_w = (self.size, int(w * scale + 0.5)) if h < w else (int(h * scale + 0.5),
+                                                                          self.size)
+        return resize_transform(h, w, new_h, new_w, self.antialias)
+
+
 class RandomResizedCrop(T.Augmentation):
     """Crop a random area fraction and aspect ratio, then resize to ``size`` x ``size``.
 
     Same sampling as torchvision's ``RandomResizedCrop``: ten tries, then a centre crop with
-    the aspect ratio clamped to ``ratio``.
+    the aspect ratio clamped to ``ratio``. ``antialias`` False resizes like OpenCV (see
+    :class:`LinearResizeTransform`).
     """
 
     def __init__(
@@ -52,10 +109,11 @@ class RandomResizedCrop(T.Augmentation):
         size: int,
         scale: Sequence[float] = (0.2, 1.0),
         ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-        interp: int = Image.BILINEAR,
+        antialias: bool = True,
     ):
         super().__init__()
-        self.size, self.scale, self.ratio, self.interp = int(size), tuple(scale), tuple(ratio), interp
+        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+        self.antialias = antialias
 
     def _sample_box(self, h: int, w: int) -> tuple[int, int, int, int]:
         area = h * w
@@ -84,7 +142,7 @@ class RandomResizedCrop(T.Augmentation):
         return T.TransformList(
             [
                 T.CropTransform(x0, y0, cw, ch),
-                T.ResizeTransform(ch, cw, self.size, self.size, self.interp),
+                resize_transform(ch, cw, self.size, self.size, self.antialias),
             ]
         )
 

@@ -35,7 +35,7 @@ from ..data.caption_mapper import CaptionDatasetMapper
 from ..data.detection_mapper import RobustDatasetMapper
 from ..data.train_loader import build_resumable_train_loader
 from ..evaluation.build import build_evaluator
-from ..solver import build_virtex_optimizer
+from ..solver import build_lr_scheduler, build_virtex_optimizer
 from .checkpoint import build_checkpointer
 from .config import add_engine_config
 from .hooks import RNGRestoreHook, RNGStateHook, TrainLoaderStateHook, install_nonfinite_guard
@@ -145,6 +145,10 @@ class Trainer(DefaultTrainer):
         if is_virtex(cfg):
             return build_virtex_optimizer(cfg, model)
         return super().build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -14,6 +14,8 @@ from detectron2.modeling.backbone.resnet import BasicBlock, ResNet
 from detectron2.modeling.roi_heads import Res5ROIHeads
 from torch import nn
 
+from .backbone import apply_zero_init_residual
+
 __all__ = ["Res5ROIHeadsExtraNorm"]
 
 # Residual blocks in res5 of the BasicBlock ResNets (Detectron2's table in build_resnet_backbone).
@@ -58,6 +60,8 @@ class Res5ROIHeadsExtraNorm(Res5ROIHeads):
             res5 = ret["res5"]
             if isinstance(res5, (list, tuple)):
                 res5 = nn.Sequential(*res5)
+        # The res5 blocks live here in C4 models: initialise them like the backbone's.
+        apply_zero_init_residual(cfg, res5)
         res5.add_module("norm", get_norm(norm, out_channels))
         ret["res5"] = res5
         return ret
