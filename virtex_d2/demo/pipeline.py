@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from typing import Dict, List, Optional
@@ -34,6 +35,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                       help="a few iterations per stage (tests the machinery; numbers are noise)")
     p.add_argument("--ablation", action="store_true",
                    help="also pretrain the 4 other tasks and fine-tune each on COCO")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="fine-tuning seeds (default: the mode's; finished seeds are reused)")
     p.add_argument("--jobs", type=int, default=2,
                    help="training runs side by side (default 2 = one per core on 2 cores)")
     p.add_argument("--verbose", action="store_true", help="echo all of train_net's output")
@@ -47,6 +50,8 @@ class Demo:
         self.args, self.repo = args, repo
         self.mode = "smoke" if args.smoke else ("full" if args.full else "quick")
         self.schedule = P.SCHEDULES[self.mode]
+        if args.seeds:
+            self.schedule = dataclasses.replace(self.schedule, seeds=tuple(args.seeds))
         self.out = os.path.abspath(args.output)
         cores = os.cpu_count() or 1
         self.serial = Runner(repo, threads=cores, verbose=args.verbose)

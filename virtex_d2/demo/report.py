@@ -22,9 +22,20 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _sd(values: List[Optional[float]]) -> Optional[float]:
+    """Sample standard deviation over seeds (None with fewer than 2 values)."""
+    vals = [v for v in values if v is not None]
+    if len(vals) < 2:
+        return None
+    mean = sum(vals) / len(vals)
+    return (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+
+
 def comparison_table(results: dict, fmt: str = "github") -> str:
-    """Rows: metrics; columns: VirTex, random (means over seeds), difference, per-seed values."""
+    """Rows: metrics; columns: VirTex, random (mean and sample s.d. over seeds), difference of
+    the means, per-seed values."""
     rows = []
+    seeds = results.get("seeds", [])
     for label, key in TABLE_METRICS:
         v, r = results.get("virtex", {}).get(key), results.get("random", {}).get(key)
         if v is None and r is None:
@@ -32,11 +43,14 @@ def comparison_table(results: dict, fmt: str = "github") -> str:
         diff = None if v is None or r is None else v - r
         per_seed = "; ".join(
             f"{_fmt(s.get('virtex', {}).get(key))} vs {_fmt(s.get('random', {}).get(key))}"
-            for s in results.get("seeds", [])
+            for s in seeds
         )
-        rows.append([label, _fmt(v), _fmt(r), ("+" if (diff or 0) >= 0 else "") + _fmt(diff),
-                     per_seed])
-    headers = ["metric", "VirTex init", "random init", "difference", "per seed (VirTex vs random)"]
+        spread = [_sd([s.get(i, {}).get(key) for s in seeds]) for i in ("virtex", "random")]
+        cells = [_fmt(m) + (f" ± {_fmt(sd)}" if sd is not None else "")
+                 for m, sd in zip((v, r), spread)]
+        rows.append([label, *cells, ("+" if (diff or 0) >= 0 else "") + _fmt(diff), per_seed])
+    headers = ["metric", "VirTex init (mean ± s.d.)", "random init (mean ± s.d.)",
+               "difference", "per seed (VirTex vs random)"]
     return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
