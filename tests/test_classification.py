@@ -30,7 +30,6 @@ from virtex_d2.checkpoint.convert import (
 from virtex_d2.classification import (
     ClassificationDatasetMapper,
     ImageClassifier,
-    add_classification_config,
     build_classification_optimizer,
     build_classification_test_loader,
     build_classification_train_loader,
@@ -56,7 +55,6 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220)}
 def load_cfg(path: Path = SYN_CONFIGS[0], opts=()):
     cfg = get_cfg()
     virtex_d2.add_virtex_config(cfg)
-    add_classification_config(cfg)
     cfg.merge_from_file(str(path))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
     return cfg

@@ -22,7 +22,7 @@ from virtex_d2.engine.checkpoint import (
     WeightsMismatchError,
     build_checkpointer,
 )
-from virtex_d2.engine.config import ConfigError, add_engine_config, merge_config_checked
+from virtex_d2.config import ConfigError, add_virtex_config, merge_config_checked
 from virtex_d2.engine.hooks import NonFiniteLossError
 
 CAPTIONING = str(REPO / "configs" / "synthetic" / "captioning_R_18.yaml")
@@ -32,7 +32,7 @@ MASK_RCNN = str(REPO / "configs" / "synthetic" / "mask_rcnn_R_18_FPN.yaml")
 def tiny_cfg(config, *opts):
     cfg = get_cfg()
     virtex_d2.add_virtex_config(cfg)
-    add_engine_config(cfg)
+    add_virtex_config(cfg)
     cfg.merge_from_file(config)
     cfg.merge_from_list(list(opts))
     return cfg
@@ -185,7 +185,7 @@ def test_pickle_weights_need_an_explicit_opt_in(tmp_path, trained):
     trusting.load(str(pkl))
     assert marker.exists()  # which is exactly why it is off by default
     cfg = get_cfg()
-    add_engine_config(cfg)
+    add_virtex_config(cfg)
     assert cfg.MODEL.ALLOW_PICKLE_WEIGHTS is False
     assert build_checkpointer(cfg, small_model()).allow_pickle is False
 
@@ -337,3 +337,20 @@ def test_amp_grad_scaler_state_is_checkpointed_and_restored(synthetic, tmp_path)
     second = with_scaler(1.0)
     second.resume_or_load(resume=True)
     assert second._trainer.grad_scaler.get_scale() == 2.0**10 and second.start_iter == 2
+
+
+def test_schedule_that_never_leaves_warmup_stops_before_training(tmp_path):
+    """SOLVER.MAX_ITER 30 with the synthetic config's 40 warm-up iterations would train at a
+    learning rate of ~0 throughout; train_net refuses it with the key and the fix."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
+         str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"), "SOLVER.MAX_ITER", "30",
+         "OUTPUT_DIR", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "SOLVER.WARMUP_ITERS (40) >= SOLVER.MAX_ITER (30)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.json").exists()

@@ -26,11 +26,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 import virtex_d2
-from virtex_d2.classification import add_classification_config
+from virtex_d2.config import setup_cfg
 from virtex_d2.classification.datasets import load_multilabel_targets
 from virtex_d2.classification.features import (
     WEIGHT_SOURCES,
@@ -68,11 +67,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def setup(args: argparse.Namespace):
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    add_classification_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     if args.dataset is not None:
         names = tuple(n.strip() for n in args.dataset.split(","))
         if len(names) != 2 or not all(names):

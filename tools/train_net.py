@@ -13,23 +13,21 @@ What happens on bad data, bad configs, crashes and failed processes: README "Fai
 from datetime import timedelta
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import virtex_d2
+from virtex_d2.config import ConfigError, setup_cfg
 from virtex_d2.engine.checkpoint import build_checkpointer
-from virtex_d2.engine.config import add_engine_config, merge_config_checked
 from virtex_d2.engine.launch import DEFAULT_TIMEOUT, launch
 from virtex_d2.engine.trainer import Trainer
 
 
 def setup(args):
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    add_engine_config(cfg)  # idempotent; add_virtex_config may already have added them
-    merge_config_checked(cfg, args.config_file, args.opts)
+    try:
+        cfg = setup_cfg(args.config_file, args.opts, freeze=False)
+    except ConfigError as e:  # a message naming the key and the fix, not a traceback
+        raise SystemExit(f"train_net: config error: {e}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} (set by {args.config_file} or Detectron2's "

@@ -39,7 +39,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from PIL import Image, ImageOps
@@ -138,15 +138,11 @@ def eval_image_tensor(image: np.ndarray, augmentations: Sequence[T.Augmentation]
 
 # ------------------------------------------------------------------------------------ models
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
-    """A frozen VirTex config: defaults, then ``config_file``, then ``KEY VALUE`` overrides."""
-    from . import add_virtex_config
+    """A frozen VirTex config: defaults, then ``config_file``, then ``KEY VALUE`` overrides
+    (:func:`virtex_d2.config.setup_cfg`)."""
+    from .config import setup_cfg
 
-    cfg = get_cfg()
-    add_virtex_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
-    return cfg
+    return setup_cfg(config_file, list(opts))
 
 
 def build_caption_model(cfg: CfgNode, weights: str) -> nn.Module:

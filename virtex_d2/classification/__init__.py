@@ -5,7 +5,6 @@ classification datasets (``imagenet_*``, ``inat2018_*``, ``synthetic_cls_*``).
 """
 from . import datasets  # noqa: F401  (registers datasets)
 from . import meta_arch  # noqa: F401  (registers ImageClassifier)
-from .config import add_classification_config  # noqa: F401
 from .datasets import (  # noqa: F401
     load_coco_instances_classification,
     load_image_folder,

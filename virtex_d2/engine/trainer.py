@@ -37,7 +37,7 @@ from ..data.train_loader import build_resumable_train_loader
 from ..evaluation.build import build_evaluator
 from ..solver import build_lr_scheduler, build_virtex_optimizer
 from .checkpoint import build_checkpointer
-from .config import add_engine_config
+from ..config import add_virtex_config
 from .hooks import RNGRestoreHook, RNGStateHook, TrainLoaderStateHook, install_nonfinite_guard
 
 
@@ -50,13 +50,14 @@ def is_classifier(cfg) -> bool:
 
 
 def with_engine_config(cfg):
-    """``cfg``, or a copy with the keys of ``engine.config`` added when it lacks them."""
+    """``cfg``, or a copy with virtex-d2's keys added when it lacks them (a plain Detectron2
+    config built without :func:`virtex_d2.config.setup_cfg`)."""
     if "VIRTEX_MAX_BAD_FRACTION" in cfg.DATALOADER and "WEIGHTS_REQUIRED" in cfg.MODEL:
         return cfg
     frozen = cfg.is_frozen()
     cfg = cfg.clone()
     cfg.defrost()
-    add_engine_config(cfg)
+    add_virtex_config(cfg)
     if frozen:
         cfg.freeze()
     return cfg
