@@ -17,7 +17,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg

@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import html.parser
 import importlib.util
-import os
 import re
 import shutil
 import subprocess

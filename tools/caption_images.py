@@ -26,6 +26,7 @@ from typing import List, Optional
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from virtex_d2.captioner import (
+    model_load_errors,
     model_tool_parser,
     build_caption_model,
     caption_files,
@@ -54,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         files = list_image_files(args.input)
         cfg = load_config(args.config_file, args.opts)
         model = build_caption_model(cfg, args.weights)
-    except (FileNotFoundError, ValueError) as e:
+    except model_load_errors() as e:
         print(f"caption_images: error: {e}", file=sys.stderr)
         return 1
     print(f"captioning {len(files)} file(s) from {args.input}")

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import List, Optional
 
-from virtex_d2.captioner import build_caption_model, load_config
+from virtex_d2.captioner import build_caption_model, load_config, model_load_errors
 from virtex_d2.evaluation.grounding import grounding_batches, measure_grounding
 
 
@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("the config has no DATASETS.TEST; pass --dataset")
         batches = grounding_batches(cfg, name, args.num_images, args.batch_size)
         report = measure_grounding(model, batches, progress=True)
-    except (FileNotFoundError, ValueError) as e:
+    except model_load_errors() as e:
         print(f"check_grounding: error: {e}", file=sys.stderr)
         return 1
     print(f"{name}, {report.num_images} images, nats per caption token (forward direction):")

@@ -4,17 +4,18 @@
     python tools/eval_voc07_svm.py --config-file configs/classification/voc07_svm_R_50_virtex.yaml
     python tools/eval_voc07_svm.py --config-file F --weights output/virtex_R_50_d2.pth \
         --json output/voc07_svm.json
-    python tools/eval_voc07_svm.py --config-file F --weights-source virtex_d2 \
+    python tools/eval_voc07_svm.py --config-file F \
         --weights output/pretrain/bicaptioning_R_50_L1_H2048/model_final.pth
     # synthetic shapes, CPU, multi-label targets from the shapes present:
     python tools/eval_voc07_svm.py --config-file configs/synthetic/linear_probe_R_18.yaml \
         --dataset synthetic_cls_train,synthetic_cls_val MODEL.DEVICE cpu TEST.VOC07_SVM.RESIZE 128
 
 Weights (``--weights``, default ``MODEL.WEIGHTS``; empty = random init seeded by ``SEED``, or 0)
-are loaded strictly into the backbone by ``--weights-source``: ``d2`` (default) a converted
-backbone checkpoint from tools/convert_to_d2.py; ``virtex_d2`` a raw checkpoint of this project's
-models (ResNet under ``backbone.``, e.g. a VirTex pretraining run); ``virtex`` a reference-code
-checkpoint; ``torchvision`` a torchvision ResNet. Pooled features are cached (see
+are loaded strictly into the backbone. Their layout is recognised from the keys (``--weights-source
+auto``, the default): a converted backbone from tools/convert_to_d2.py, a raw checkpoint of this
+project's models (ResNet under ``backbone.``, e.g. a VirTex pretraining run), a reference-code
+checkpoint or a torchvision ResNet; ``--weights-source d2|virtex_d2|virtex|torchvision`` insists
+on one. Pooled features are cached (see
 virtex_d2/classification/features.py), so re-running with other ``--costs`` does not re-extract.
 """
 import argparse
@@ -28,7 +29,6 @@ import numpy as np
 import torch
 from detectron2.utils.logger import setup_logger
 
-import virtex_d2
 from virtex_d2.config import setup_cfg
 from virtex_d2.classification.datasets import load_multilabel_targets
 from virtex_d2.classification.features import (
@@ -51,7 +51,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--weights", default=None, help="checkpoint (default: MODEL.WEIGHTS)")
-    p.add_argument("--weights-source", default="d2", choices=WEIGHT_SOURCES)
+    p.add_argument("--weights-source", default="auto", choices=WEIGHT_SOURCES,
+                   help="checkpoint layout (default: recognised from its keys)")
     p.add_argument("--dataset", default=None, help="TRAIN,TEST registered dataset names")
     p.add_argument("--costs", type=float, nargs="+", default=None, help="SVM costs C")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results here")

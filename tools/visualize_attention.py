@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from virtex_d2.captioner import (
+    model_load_errors,
     model_tool_parser,
     UnreadableImageError,
     build_caption_model,
@@ -151,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = build_caption_model(cfg, args.weights)
         crop = eval_image_tensor(image, build_caption_augmentations(cfg, is_train=False))
         result = caption_attention(model, crop, decoder=args.decoder, layer=args.layer)
-    except (UnreadableImageError, FileNotFoundError, ValueError) as e:
+    except (UnreadableImageError, *model_load_errors()) as e:
         print(f"visualize_attention: error: {e}", file=sys.stderr)
         return 1
     crop_np = crop.permute(1, 2, 0).numpy()

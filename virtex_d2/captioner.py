@@ -29,6 +29,7 @@ several sub-word tokens gets the mean of its tokens' maps. Every map is a distri
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import logging
 import os
@@ -38,7 +39,6 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
@@ -137,6 +137,15 @@ def eval_image_tensor(image: np.ndarray, augmentations: Sequence[T.Augmentation]
 
 
 # ------------------------------------------------------------------------------------ models
+def model_load_errors() -> tuple[type[BaseException], ...]:
+    """What building a captioning model from a config and weights raises for bad input (a
+    missing file, a bad config, weights that do not fit or need unpickling): the tools report
+    these in one line instead of a traceback."""
+    from .engine.checkpoint import UnsafeCheckpointError, WeightsMismatchError
+
+    return (FileNotFoundError, ValueError, WeightsMismatchError, UnsafeCheckpointError)
+
+
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     """A frozen VirTex config: defaults, then ``config_file``, then ``KEY VALUE`` overrides
     (:func:`virtex_d2.config.setup_cfg`)."""
@@ -146,10 +155,13 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
 
 
 def build_caption_model(cfg: CfgNode, weights: str) -> nn.Module:
-    """Build the VirTex model of ``cfg``, load ``weights`` (Detectron2 checkpoint), eval mode.
+    """Build the VirTex model of ``cfg``, load ``weights``, eval mode.
 
-    Keys missing from the checkpoint are reported by Detectron2's checkpointer as a warning.
+    Loaded by the project's one checkpointer (weights only unless ``MODEL.ALLOW_PICKLE_WEIGHTS``;
+    every parameter required: a checkpoint without the textual head is an error naming it).
     """
+    from .engine.checkpoint import build_checkpointer
+
     task = cfg.MODEL.VIRTEX.TASK
     if task not in CAPTIONING_TASKS:
         raise ValueError(
@@ -162,7 +174,7 @@ def build_caption_model(cfg: CfgNode, weights: str) -> nn.Module:
     if "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"--weights {weights} does not exist")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    build_checkpointer(cfg, model, eval_only=True).load(weights)
     return model.eval()
 
 
@@ -368,9 +380,8 @@ def caption_attention(
     )
 
 
-def model_tool_parser(doc: str, input_help: str, output_help: str) -> "argparse.ArgumentParser":
+def model_tool_parser(doc: str, input_help: str, output_help: str) -> argparse.ArgumentParser:
     """The arguments shared by the captioning tools (model, input, output, decoder)."""
-    import argparse
 
     parser = argparse.ArgumentParser(
         description=doc.split("\n\n")[0].strip(),

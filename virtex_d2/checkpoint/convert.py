@@ -43,6 +43,7 @@ __all__ = [
     "IncompleteBackboneError",
     "convert_checkpoint",
     "convert_state_dict",
+    "detect_source",
     "extract_state_dict",
     "load_any_checkpoint",
     "save_d2_checkpoint",
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 SOURCES = ("virtex_d2", "virtex", "torchvision")
+# "auto" recognises the source from the keys (see detect_source).
+SOURCE_CHOICES = ("auto", *SOURCES)
 
 # Where the ResNet lives inside each source's state dict.
 DEFAULT_PREFIX = {"virtex_d2": "backbone.", "virtex": "visual.cnn.", "torchvision": ""}
@@ -327,6 +330,31 @@ def _shape_of(d2_state: Mapping[str, torch.Tensor], block: str) -> Dict[str, int
 
 
 # ---------------------------------------------------------------------------------- conversion
+# (key that identifies the layout, source, prefix of the ResNet), most specific first.
+_LAYOUTS = (
+    ("backbone.bottom_up.stem.conv1.weight", "virtex_d2", "backbone.bottom_up."),  # R-FPN model
+    ("backbone.stem.conv1.weight", "virtex_d2", "backbone."),  # VirTex / C4 / classifier run
+    ("stem.conv1.weight", "virtex_d2", ""),  # a converted backbone (tools/convert_to_d2.py)
+    ("visual.cnn.conv1.weight", "virtex", "visual.cnn."),  # the reference implementation
+    ("conv1.weight", "torchvision", ""),  # a torchvision ResNet
+)
+
+
+def detect_source(state: Mapping[str, Any]) -> Tuple[str, str]:
+    """(source, prefix) of a state dict, recognised from its keys: a virtex-d2 checkpoint (any
+    meta-architecture), a converted backbone, a reference VirTex checkpoint or a torchvision
+    ResNet. Raises :class:`IncompleteBackboneError` naming a few keys when none fits."""
+    for key, source, prefix in _LAYOUTS:
+        if key in state:
+            return source, prefix
+    raise IncompleteBackboneError(
+        f"cannot tell what kind of checkpoint this is ({len(state)} keys, e.g. "
+        f"{list(state)[:4]}): expected a virtex-d2 / Detectron2 checkpoint (backbone.*), a "
+        "converted backbone (stem.*, res2.*), a reference VirTex checkpoint (visual.cnn.*) or "
+        "a torchvision ResNet (conv1.*, layer1.*)"
+    )
+
+
 
 
 def convert_state_dict(
@@ -341,7 +369,7 @@ def convert_state_dict(
 
     Args:
         state: the model state dict (already unwrapped, see :func:`extract_state_dict`).
-        source: one of :data:`SOURCES`.
+        source: one of :data:`SOURCES`, or "auto" to recognise it from the keys.
         prefix: where the ResNet lives in ``state``; defaults to ``backbone.`` (virtex_d2),
             ``visual.cnn.`` (virtex) or nothing (torchvision).
         expected_depth: if given, refuse a network of any other depth.
@@ -350,8 +378,11 @@ def convert_state_dict(
     Raises:
         IncompleteBackboneError: the backbone is not complete (message lists what is missing).
     """
+    if source == "auto":
+        source, detected = detect_source(state)
+        prefix = detected if prefix is None else prefix
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+        raise ValueError(f"unknown source {source!r}; expected one of {SOURCE_CHOICES}")
     prefix = DEFAULT_PREFIX[source] if prefix is None else prefix
     d2_state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     renamed: Dict[str, str] = {}

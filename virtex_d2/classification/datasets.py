@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog

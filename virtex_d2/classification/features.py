@@ -48,12 +48,14 @@ __all__ = [
     "get_features",
 ]
 
-WEIGHT_SOURCES = ("d2", "virtex_d2", "virtex", "torchvision")
+# "auto": recognised from the checkpoint's keys (convert.detect_source); "d2": a converted
+# backbone (names without a prefix); the others as in tools/convert_to_d2.py.
+WEIGHT_SOURCES = ("auto", "d2", "virtex_d2", "virtex", "torchvision")
 _CACHE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------ weights
-def load_backbone_weights(model: ImageClassifier, weights: str, source: str = "d2") -> None:
+def load_backbone_weights(model: ImageClassifier, weights: str, source: str = "auto") -> None:
     """Load a pretrained ResNet into ``model.backbone``; every backbone tensor must be found.
 
     Raises:

@@ -31,6 +31,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
+from ..checkpoint.convert import (
+    IncompleteBackboneError,
+    convert_state_dict,
+    detect_source,
+    extract_state_dict,
+)
+
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"
@@ -215,7 +222,28 @@ class VirtexCheckpointer(DetectionCheckpointer):
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         if not isinstance(loaded, dict):
             raise WeightsMismatchError(f"{filename} holds a {type(loaded).__name__}, not a dict")
-        return loaded if "model" in loaded else {"model": loaded}
+        return self._translate(filename, loaded if "model" in loaded else {"model": loaded})
+
+    def _translate(self, filename: str, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """torchvision and reference VirTex checkpoints load like a converted backbone: their
+        ResNet gets Detectron2's names and is matched by suffix (``matching_heuristics``), so
+        ``MODEL.WEIGHTS`` takes them without a conversion step."""
+        state = checkpoint.get("model")
+        if not isinstance(state, dict):
+            return checkpoint
+        try:
+            source, _ = detect_source(state)
+        except IncompleteBackboneError:
+            return checkpoint  # not a ResNet checkpoint we know; loaded (and checked) as is
+        if source not in ("torchvision", "virtex"):
+            return checkpoint
+        result = convert_state_dict(extract_state_dict(checkpoint), source)
+        self.logger.info(f"{filename}: a {source} checkpoint; its ResNet-{result.depth} is "
+                         "loaded under Detectron2's names")
+        self._loading = f"{filename} ({source} layout: only its ResNet is read; a whole "
+        self._loading += "reference model is imported with tools/import_reference.py)"
+        return {"model": dict(result.d2_state), "__author__": f"virtex_d2 <- {source}",
+                "matching_heuristics": True}
 
     def _load_model(self, checkpoint: Any) -> Any:
         incompatible = super()._load_model(checkpoint)
