@@ -573,8 +573,14 @@ def test_benchmark_lvis_results_mode(tmp_path, capsys):
 def test_benchmark_eval_small_run(tmp_path):
     tool = _load_tool("benchmark_eval")
     out = tmp_path / "bench.json"
-    assert tool.main(["--num-images", "12", "--repeat", "1", "--json", str(out)]) == 0
+    assert tool.main(["--num-images", "12", "--objects", "5", "12", "--false-positives", "4",
+                      "10", "--repeat", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["agree"] and report["num_detections"] > 100
     for task in ("bbox", "segm"):
         assert report[task]["ours"]["AP"] == pytest.approx(report[task]["pycocotools"]["AP"])
+        assert report[task]["faster-coco-eval"]["AP"] == pytest.approx(
+            report[task]["pycocotools"]["AP"])
+        for name in ("ours", "faster-coco-eval", "pycocotools"):
+            assert report[task][name]["seconds"] > 0
+        assert report[task]["ratios"]["pycocotools/ours"] > 0
