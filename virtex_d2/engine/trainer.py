@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import Iterable
 
+import torch
+from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -175,7 +178,13 @@ class Trainer(DefaultTrainer):
         return results
 
 
-def build_step_runner(cfg, model, data_loader, optimizer, on_cpu: bool) -> SimpleTrainer:
+def build_step_runner(
+    cfg: CfgNode,
+    model: torch.nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    on_cpu: bool,
+) -> SimpleTrainer:
     """The inner training loop: plain fp32, Detectron2's ``AMPTrainer`` on GPUs (fp16 autocast
     and a GradScaler, unchanged), or bf16 autocast on CPUs that compute in bf16 natively
     (``engine.amp``; fp32 elsewhere, said in the log)."""
