@@ -25,6 +25,7 @@ synthetic captions when that is not on disk (said in the output).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import resource
@@ -265,10 +266,23 @@ def _synthetic_vocab_size() -> int:
     return cfg.MODEL.VIRTEX.VOCAB_SIZE
 
 
-def _run(target, *args):
+class _Result:
+    """A one-item stand-in for a multiprocessing queue, for in-process runs."""
+
+    def put(self, item):
+        self.item = item
+
+
+def _run(target, args):
+    if args.smoke:
+        # Separate processes only keep peak memory apart; a smoke run measures nothing, and
+        # three interpreter starts would be most of its time.
+        result = _Result()
+        target(args, result)
+        return result.item
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
+    proc = ctx.Process(target=target, args=(args, queue))
     proc.start()
     while True:
         try:
@@ -276,7 +290,8 @@ def _run(target, *args):
             break
         except Exception:  # queue.Empty: keep waiting while the measurement runs
             if not proc.is_alive():
-                raise SystemExit(f"{target.__name__} failed (exit code {proc.exitcode})")
+                name = getattr(target, "func", target).__name__  # partials have no name
+                raise SystemExit(f"{name} failed (exit code {proc.exitcode})")
     proc.join()
     return result
 
@@ -323,8 +338,8 @@ def main(argv=None):
                 json.dump({"device": device, "precision": precision, "smoke": args.smoke,
                            "argv": sys.argv[1:] if argv is None else list(argv)}, f, indent=2)
         return
-    full = _run(_measure_model, "virtex", args)
-    cnn = _run(_measure_model, "cnn", args)
+    full = _run(functools.partial(_measure_model, "virtex"), args)
+    cnn = _run(functools.partial(_measure_model, "cnn"), args)
     loader = None if args.skip_loader else _run(_measure_loader, args)
     print(f"{'':34s}{'images/s':>10s}{'peak MB':>10s}{'GFLOPs/img':>12s}")
     print(f"{'(a) VirTex step (+clip, Lookahead)':34s}{full['images_per_s']:10.2f}"

@@ -48,8 +48,8 @@ fi
 if [[ $SMOKE == 1 ]]; then
     PRETRAIN=(--smoke --config-file configs/synthetic/bicaptioning_R_18.yaml)
     DECODING=(--smoke)
-    # 4 iterations: Detectron2's IterationTimer reports s/iter from the third on.
-    FINETUNE=(SOLVER.IMS_PER_BATCH 2 SOLVER.MAX_ITER 4 INPUT.MIN_SIZE_TRAIN "(64,)"
+    # 3 iterations: Detectron2's IterationTimer reports s/iter from the third on.
+    FINETUNE=(SOLVER.IMS_PER_BATCH 2 SOLVER.MAX_ITER 3 INPUT.MIN_SIZE_TRAIN "(64,)"
               INPUT.MAX_SIZE_TRAIN 64 MODEL.RPN.PRE_NMS_TOPK_TRAIN 200
               MODEL.RPN.POST_NMS_TOPK_TRAIN 100 MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 64
               DATALOADER.NUM_WORKERS 0)
@@ -83,11 +83,16 @@ END=$(date +%s.%N)
 import json
 import re
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
-import torch
-
 work, output, device, smoke, start, end = sys.argv[1:]
+if device.startswith("cuda"):
+    import torch  # only here: importing it costs seconds, which the CPU smoke run can spare
+
+    gpu, cuda = torch.cuda.get_device_name(), torch.version.cuda
+else:
+    gpu = cuda = None
 work = Path(work)
 rows = [json.loads(line) for line in (work / "finetune" / "metrics.json").read_text().splitlines()
         if line.strip()]
@@ -98,11 +103,11 @@ last = losses[-1] if losses else {}
 speed = re.search(r"Overall training speed: .*\(([0-9.]+) s / it\)",
                   (work / "finetune.log").read_text())
 report = {
-    "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+    "gpu": gpu,
     "device": device,
     "smoke": smoke == "1",
-    "torch": torch.__version__,
-    "cuda": torch.version.cuda,
+    "torch": version("torch"),
+    "cuda": cuda,
     "pretrain": json.loads((work / "pretrain.json").read_text()),
     "decoding": json.loads((work / "decoding.json").read_text()),
     "finetune_mask_rcnn_R_50_FPN": {
