@@ -15,7 +15,7 @@ setup(
         "iopath",
         "pycocotools",
         "tokenizers",
-        "faster-coco-eval",
+        "hotcoco",
         "pycocoevalcap",
     ],
 )

@@ -262,6 +262,24 @@ def test_limit_dets_per_image_is_across_categories():
     assert [(r["image_id"], r["score"]) for r in kept] == [(1, 0.9), (1, 0.7), (2, 0.01)]
 
 
+def test_hotcoco_lvis_cap_equals_limit_dets_per_image():
+    """The per-image cap inside evaluation (hotcoco.LVISResults) keeps what the official rule
+    keeps, ties included: equal scores across categories straddling the cap."""
+    import hotcoco
+
+    gt = hand_lvis_gt()
+    rng = random.Random(3)
+    results = [{"image_id": rng.choice([1, 2, 3]), "category_id": rng.choice([1, 2, 3]),
+                "bbox": [rng.uniform(0, 100), rng.uniform(0, 100), 20, 20],
+                "score": rng.choice([0.1, 0.5, 0.5, 0.9])} for _ in range(60)]
+    for i, r in enumerate(results):
+        r["bbox"][2] = 1 + i  # a key to tell detections apart after hotcoco copied them
+    expected = sorted(r["bbox"][2] for r in limit_dets_per_image(results, 7))
+    capped = hotcoco.LVISResults(hotcoco.COCO(gt), copy.deepcopy(results), max_dets=7)
+    got = sorted(a["bbox"][2] for a in capped.anns.values())
+    assert len(expected) == 21 and got == expected
+
+
 # --- LVIS: parity with the official lvis package ----------------------------------------------
 
 
@@ -301,9 +319,15 @@ def random_lvis_case(coco: dict, seed: int = 0) -> tuple:
 
 def official_lvis_metrics(gt: dict, results: list, iou_type: str, tmp_path: Path,
                           monkeypatch) -> dict:
+    """The reference: the official ``lvis`` 0.5.3 package (LVIS, LVISResults, LVISEval), unchanged.
+
+    It fails on numpy >= 1.24 only because it uses the removed ``np.float`` / ``np.int``
+    aliases; they are restored (as the builtins they used to be) for the duration of the test
+    with pytest's ``monkeypatch``, which removes them again afterwards.
+    """
     lvis = pytest.importorskip("lvis")
-    # lvis 0.5.3 uses np.float, removed in numpy 1.24 (fixed only on its unreleased main).
     monkeypatch.setattr(np, "float", float, raising=False)
+    monkeypatch.setattr(np, "int", int, raising=False)
     path = tmp_path / "lvis_gt.json"
     path.write_text(json.dumps(gt))
     results = copy.deepcopy(results)
@@ -319,6 +343,10 @@ def official_lvis_metrics(gt: dict, results: list, iou_type: str, tmp_path: Path
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_lvis_matches_official_lvis_eval(coco_gt, iou_type, tmp_path, monkeypatch):
+    """AP, AP50, AP75, APs/m/l and APr/c/f equal the official ``lvis`` 0.5.3 LVISEval's to
+    1e-4 on coco_tiny made federated (negatives, not-exhaustive categories, one image over the
+    300 cap). The reference is the unmodified package, run with numpy's removed ``np.float`` /
+    ``np.int`` aliases restored for this test only (monkeypatch; see official_lvis_metrics)."""
     gt, results = random_lvis_case(coco_gt)
     ref = official_lvis_metrics(gt, results, iou_type, tmp_path, monkeypatch)
     ours = evaluate_coco_json(gt, results, iou_type, lvis=True)
@@ -549,8 +577,15 @@ def test_benchmark_lvis_results_mode(tmp_path, capsys):
 def test_benchmark_eval_small_run(tmp_path):
     tool = _load_tool("benchmark_eval")
     out = tmp_path / "bench.json"
-    assert tool.main(["--num-images", "12", "--repeat", "1", "--json", str(out)]) == 0
+    assert tool.main(["--num-images", "12", "--objects", "5", "12", "--false-positives", "4",
+                      "10", "--repeat", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["agree"] and report["num_detections"] > 100
     for task in ("bbox", "segm"):
         assert report[task]["ours"]["AP"] == pytest.approx(report[task]["pycocotools"]["AP"])
+        assert report[task]["faster-coco-eval"]["AP"] == pytest.approx(
+            report[task]["pycocotools"]["AP"])
+        for name in ("ours", "faster-coco-eval", "pycocotools"):
+            assert report[task][name]["seconds"] > 0
+        assert report[task]["ratios"]["pycocotools/ours"] > 0
+

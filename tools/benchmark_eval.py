@@ -1,17 +1,24 @@
 #!/usr/bin/env python
-"""Time our COCO evaluation (faster-coco-eval) against pycocotools' COCOeval on the same data.
+"""Time our COCO evaluation (hotcoco) against faster-coco-eval and pycocotools on the same data.
 
-By default a deterministic synthetic set is generated in memory (300 images of 320x320 with
-polygon objects and a few crowd regions, > 5,000 noisy detections with boxes and RLE masks); or
-pass ``--gt GT.json --results RES.json``. Both evaluators start from the same in-memory json
-(loading files is not timed); each timed span covers indexing the ground truth, loading the
-results, matching, accumulating and summarizing.
+By default a deterministic synthetic set of COCO val2017's size is generated in memory (5,000
+images of 320x320 with polygon objects of all sizes and a few crowd regions, ~38,000 noisy
+detections with boxes and RLE masks); or pass ``--gt GT.json --results RES.json``. Every
+evaluator starts from the same in-memory json (reading files is not timed); each timed span
+covers indexing the ground truth, loading the results, matching, accumulating and summarizing.
+Seconds are the best of ``--repeat`` runs (single timings jump with other load).
 
-Prints AP/AP50/AP75/APs/APm/APl of both side by side, exits with 1 if any differs by more than
-1e-4 (in percent), and ends with a line ``speed-up (pycocotools / ours): segm 5.1x, bbox 4.0x``.
+Prints AP/AP50/AP75/APs/APm/APl of the three side by side, exits with 1 if faster-coco-eval or
+ours differs from pycocotools by more than 1e-4 (in percent), and ends with the speed ratios
+``pycocotools / ours`` and ``faster-coco-eval / ours`` per IoU type.
 
-    python tools/benchmark_eval.py [--gt GT.json --results RES.json --iou-type bbox|segm]
-                                   [--json OUT] [--num-images 300] [--seed 0] [--repeat 3]
+    python tools/benchmark_eval.py [--gt GT.json --results RES.json] [--iou-type bbox|segm]
+        [--json OUT] [--num-images 5000] [--objects 2 6] [--false-positives 1 4] [--seed 0]
+        [--repeat 3]
+
+``--json``: ``{"num_images", "num_gt", "num_detections", "agree", "threads",
+<iou type>: {"ours" | "faster-coco-eval" | "pycocotools": {"seconds", "AP", "AP50", ...},
+"ratios": {...}}}``.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import gc
 import io
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -29,6 +37,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
+from faster_coco_eval import COCO as FastCOCO
+from faster_coco_eval import COCOeval_faster
 from pycocotools.coco import COCO as RefCOCO
 from pycocotools.cocoeval import COCOeval as RefCOCOeval
 
@@ -70,9 +80,17 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
 
 
 def make_synthetic_coco(
-    num_images: int = 300, size: int = 320, num_classes: int = 10, seed: int = 0
+    num_images: int = 300,
+    size: int = 320,
+    num_classes: int = 10,
+    seed: int = 0,
+    objects: Tuple[int, int] = (5, 12),
+    false_positives: Tuple[int, int] = (4, 10),
 ) -> Tuple[dict, List[dict]]:
     """Deterministic COCO ground truth and noisy detections derived from it.
+
+    Each image has ``objects`` (inclusive range) ground-truth objects, each detected about
+    1.2 times (misses and duplicates), and ``false_positives`` detections of nothing.
 
     Returns:
         (gt dict in COCO instances format, list of result dicts with "bbox" [x, y, w, h] and
@@ -103,7 +121,7 @@ def make_synthetic_coco(
         images.append(
             {"id": image_id, "width": size, "height": size, "file_name": f"{image_id}.jpg"}
         )
-        for _ in range(rng.randint(5, 12)):
+        for _ in range(rng.randint(*objects)):
             radius = rng.choice([rng.uniform(5, 16), rng.uniform(18, 50), rng.uniform(56, 110)])
             cx, cy = rng.uniform(0, size), rng.uniform(0, size)
             poly = _star_polygon(rng, cx, cy, radius, size)
@@ -153,7 +171,7 @@ def make_synthetic_coco(
                 cy = y0 + rng.uniform(10, size // 3 - 10)
                 poly = _star_polygon(rng, cx, cy, 10, size)
                 add_detection(image_id, poly, crowd_category, rng.random())
-        for _ in range(rng.randint(4, 10)):
+        for _ in range(rng.randint(*false_positives)):
             cx, cy, radius = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(5, 60)
             poly = _star_polygon(rng, cx, cy, radius, size)
             add_detection(image_id, poly, rng.randint(1, num_classes), rng.random() * 0.8)
@@ -193,11 +211,45 @@ def run_pycocotools(gt: dict, results: List[dict], iou_type: str) -> Tuple[Dict[
     return metrics, seconds
 
 
+def run_faster_coco_eval(
+    gt: dict, results: List[dict], iou_type: str
+) -> Tuple[Dict[str, float], float]:
+    """faster-coco-eval's COCOeval_faster, used as its README shows. Returns (metrics, s)."""
+    gt = copy.deepcopy(gt)  # it adds keys to annotation dicts too
+    results = copy.deepcopy(results)
+    if iou_type == "segm":
+        for r in results:
+            r.pop("bbox", None)
+    gc.collect()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = FastCOCO(gt)
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=lambda *a: None)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    seconds = time.perf_counter() - start
+    metrics = {
+        name: float(ev.stats[i] * 100) if ev.stats[i] >= 0 else float("nan")
+        for i, name in enumerate(COCO_METRICS)
+    }
+    return metrics, seconds
+
+
 def run_ours(gt: dict, results: List[dict], iou_type: str) -> Tuple[Dict[str, float], float]:
+    """virtex_d2's evaluate_coco_json (hotcoco). Returns (metrics, s)."""
     gc.collect()  # garbage left by the previous run should not be charged to this one
     start = time.perf_counter()
     metrics = evaluate_coco_json(gt, results, iou_type)
     return metrics, time.perf_counter() - start
+
+
+EVALUATORS = {
+    "ours": run_ours,
+    "faster-coco-eval": run_faster_coco_eval,
+    "pycocotools": run_pycocotools,
+}
 
 
 def _agree(a: float, b: float) -> bool:
@@ -206,13 +258,46 @@ def _agree(a: float, b: float) -> bool:
     return abs(a - b) <= TOLERANCE
 
 
+def compare(gt: dict, results: List[dict], iou_type: str, repeat: int) -> Tuple[dict, bool]:
+    """Run the three evaluators ``repeat`` times each (interleaved, so load drifts hit all of
+    them alike); print the table. Returns ({evaluator: {"seconds", metrics...}}, agree)."""
+    best = {name: math.inf for name in EVALUATORS}
+    metrics: Dict[str, Dict[str, float]] = {}
+    for _ in range(repeat):
+        for name, run in EVALUATORS.items():
+            metrics[name], seconds = run(gt, results, iou_type)
+            best[name] = min(best[name], seconds)
+    names = list(EVALUATORS)
+    print(f"\n{iou_type}: {'metric':<7}" + "".join(f"{n:>18}" for n in names))
+    agree = True
+    for m in COCO_METRICS:
+        ref = metrics["pycocotools"][m]
+        ok = all(_agree(metrics[n][m], ref) for n in names)
+        agree &= ok
+        print(f"      {m:<7}" + "".join(f"{metrics[n][m]:>18.4f}" for n in names)
+              + ("" if ok else "   <-- differs"))
+    print(f"      {'seconds':<7}" + "".join(f"{best[n]:>18.3f}" for n in names)
+          + f"   (best of {repeat})")
+    report: dict = {n: {"seconds": best[n], **metrics[n]} for n in names}
+    report["ratios"] = {
+        "pycocotools/ours": best["pycocotools"] / best["ours"],
+        "faster-coco-eval/ours": best["faster-coco-eval"] / best["ours"],
+        "pycocotools/faster-coco-eval": best["pycocotools"] / best["faster-coco-eval"],
+    }
+    return report, agree
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gt", help="COCO annotation json (default: generate synthetic data)")
     parser.add_argument("--results", help="COCO results json (with --gt)")
     parser.add_argument("--iou-type", choices=["bbox", "segm"], help="default: both if possible")
     parser.add_argument("--json", help="write metrics and timings here")
-    parser.add_argument("--num-images", type=int, default=300, help="synthetic images")
+    parser.add_argument("--num-images", type=int, default=5000, help="synthetic images")
+    parser.add_argument("--objects", type=int, nargs=2, default=(2, 6), metavar=("MIN", "MAX"),
+                        help="synthetic ground-truth objects per image")
+    parser.add_argument("--false-positives", type=int, nargs=2, default=(1, 4),
+                        metavar=("MIN", "MAX"), help="synthetic false positives per image")
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     parser.add_argument(
         "--repeat", type=int, default=3, help="time each evaluator this many times, keep the best"
@@ -227,53 +312,43 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.results) as f:
             results = json.load(f)
     else:
-        gt, results = make_synthetic_coco(num_images=args.num_images, seed=args.seed)
+        gt, results = make_synthetic_coco(
+            num_images=args.num_images, seed=args.seed, objects=tuple(args.objects),
+            false_positives=tuple(args.false_positives),
+        )
     if args.iou_type:
         iou_types = [args.iou_type]
     else:
         iou_types = ["segm", "bbox"] if any("segmentation" in r for r in results) else ["bbox"]
 
+    # hotcoco parallelises over images with rayon (RAYON_NUM_THREADS, default all cores);
+    # faster-coco-eval and pycocotools use one thread.
+    threads = os.environ.get("RAYON_NUM_THREADS") or str(os.cpu_count())
     print(
         f"{len(gt['images'])} images, {len(gt['annotations'])} ground truth "
         f"({sum(a.get('iscrowd', 0) for a in gt['annotations'])} crowd), "
-        f"{len(results)} detections"
+        f"{len(results)} detections; ours = hotcoco ({threads} threads)"
     )
-    report = {
+    report: dict = {
         "num_images": len(gt["images"]),
         "num_gt": len(gt["annotations"]),
         "num_detections": len(results),
+        "threads": threads,
     }
     all_agree = True
-    speedups = []
+    lines = []
     for iou_type in iou_types:
-        # Best of --repeat: on a shared machine single timings jump with other load.
-        ref, ref_s = run_pycocotools(gt, results, iou_type)
-        ours, ours_s = run_ours(gt, results, iou_type)
-        for _ in range(args.repeat - 1):
-            ref_s = min(ref_s, run_pycocotools(gt, results, iou_type)[1])
-            ours_s = min(ours_s, run_ours(gt, results, iou_type)[1])
-        print(f"\n{iou_type}: {'metric':<6} {'ours':>10} {'pycocotools':>12}")
-        for name in COCO_METRICS:
-            ok = _agree(ours[name], ref[name])
-            all_agree &= ok
-            flag = "" if ok else "   <-- differs"
-            print(f"      {name:<6} {ours[name]:>10.4f} {ref[name]:>12.4f}{flag}")
-        print(f"      time   {ours_s:>9.3f}s {ref_s:>11.3f}s   (best of {args.repeat})")
-        speedups.append(f"{iou_type} {ref_s / ours_s:.1f}x")
-        report[iou_type] = {
-            "ours": {k: ours[k] for k in COCO_METRICS},
-            "pycocotools": ref,
-            "seconds_ours": ours_s,
-            "seconds_pycocotools": ref_s,
-            "speedup": ref_s / ours_s,
-        }
+        report[iou_type], agree = compare(gt, results, iou_type, args.repeat)
+        all_agree &= agree
+        r = report[iou_type]["ratios"]
+        lines.append(f"{iou_type} {r['pycocotools/ours']:.1f}x / {r['faster-coco-eval/ours']:.1f}x")
     report["agree"] = all_agree
     if args.json:
         with open(args.json, "w") as f:
             json.dump(nan_to_none(report), f, indent=2)
     if not all_agree:
         print(f"\nERROR: the evaluators differ by more than {TOLERANCE} (percent)", file=sys.stderr)
-    print("\nspeed-up (pycocotools / ours): " + ", ".join(speedups))
+    print("\nspeed-up of ours (pycocotools / ours, faster-coco-eval / ours): " + ", ".join(lines))
     return 0 if all_agree else 1
 
 

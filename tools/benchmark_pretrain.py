@@ -6,9 +6,14 @@ Measures images/s and peak memory of
   (b) the same Detectron2 ResNet trained alone with a linear classifier on pooled features,
       same batch, plain SGD with momentum (the CNN-only bound);
   (c) the config's training data loader alone, with its configured workers;
+  (d) the VirTex step in fp32 and with mixed precision (bf16 autocast on a CPU, fp16 autocast
+      with a GradScaler on a GPU), alternating steps in one process so that load changes hit
+      both alike; images/s from the median step time of each;
 prints fvcore's FLOP count per image for (a) and (b), and ends with the ratio (a)/(b).
-Each measurement runs in a fresh process so peak memory (RSS on CPU, allocated on GPU) is its
-own.
+Each of (a)-(d) runs in a fresh process so peak memory (RSS on CPU, allocated on GPU) is its
+own. On a CPU without native bf16 (see virtex_d2.engine.amp) (d) still runs, emulated, and
+says so. ``--smoke``: a seconds-long run of every path (batch 2, 2 iterations, 64 px crops,
+no loader), to check the script works, not to measure.
 
     python tools/benchmark_pretrain.py --config-file configs/pretrain/bicaptioning_R_50_L1_H1024.yaml \
         [--batch-size 16] [--iters 5] [--caption-length 15] [--json OUT] [KEY VALUE ...]
@@ -20,6 +25,7 @@ synthetic captions when that is not on disk (said in the output).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import resource
@@ -155,6 +161,68 @@ def _measure_model(which, args, queue):
                "gflops_per_image": gflops})
 
 
+def _measure_precisions(args, queue):
+    """(d): fp32 and mixed-precision steps of the same VirTex model, alternating."""
+    import statistics
+
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from virtex_d2.engine.amp import cpu_bf16_support
+    from virtex_d2.solver import build_virtex_optimizer
+
+    cfg = _setup(args)
+    with mock.patch("virtex_d2.data.vocabulary.resolve_tokenizer", return_value=None):
+        model = build_model(cfg)
+    opt = build_virtex_optimizer(cfg, model)
+    if args.channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+    batch = _batch(cfg, args.batch_size, args.caption_length, args.device)
+    cuda = args.device.startswith("cuda")
+    device_type = "cuda" if cuda else "cpu"
+    amp_dtype = torch.float16 if cuda else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if cuda else None  # fp16 needs loss scaling
+
+    def step(mixed: bool) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=mixed):
+            loss = sum(model(batch).values())
+        opt.zero_grad(set_to_none=True)
+        if mixed and scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    times = {False: [], True: []}
+    model.train()
+    with EventStorage():
+        for _ in range(args.warmup):
+            step(False)
+            step(True)
+        for _ in range(args.iters):
+            for mixed in (False, True):
+                times[mixed].append(step(mixed))
+    name = "fp16" if cuda else "bf16"
+    medians = {"fp32": statistics.median(times[False]), name: statistics.median(times[True])}
+    native, why = (True, "GPU") if cuda else cpu_bf16_support()
+    queue.put({
+        "amp_dtype": name,
+        "native": native,
+        "why": why,
+        **{k: {"median_step_s": v, "images_per_s": args.batch_size / v}
+           for k, v in medians.items()},
+        "speedup": medians["fp32"] / medians[name],
+    })
+
+
 def _measure_loader(args, queue):
     from detectron2.data import DatasetCatalog
 
@@ -198,10 +266,23 @@ def _synthetic_vocab_size() -> int:
     return cfg.MODEL.VIRTEX.VOCAB_SIZE
 
 
-def _run(target, *args):
+class _Result:
+    """A one-item stand-in for a multiprocessing queue, for in-process runs."""
+
+    def put(self, item):
+        self.item = item
+
+
+def _run(target, args):
+    if args.smoke:
+        # Separate processes only keep peak memory apart; a smoke run measures nothing, and
+        # three interpreter starts would be most of its time.
+        result = _Result()
+        target(args, result)
+        return result.item
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
+    proc = ctx.Process(target=target, args=(args, queue))
     proc.start()
     while True:
         try:
@@ -209,9 +290,18 @@ def _run(target, *args):
             break
         except Exception:  # queue.Empty: keep waiting while the measurement runs
             if not proc.is_alive():
-                raise SystemExit(f"{target.__name__} failed (exit code {proc.exitcode})")
+                name = getattr(target, "func", target).__name__  # partials have no name
+                raise SystemExit(f"{name} failed (exit code {proc.exitcode})")
     proc.join()
     return result
+
+
+def _print_precision(precision: dict, args) -> None:
+    mixed = precision["amp_dtype"]
+    print(f"(d) VirTex step, alternating, median of {args.iters}: fp32 "
+          f"{precision['fp32']['images_per_s']:.2f} vs {mixed} "
+          f"{precision[mixed]['images_per_s']:.2f} images/s = {precision['speedup']:.2f}x "
+          f"({'native' if precision['native'] else 'EMULATED'}: {precision['why']})")
 
 
 def main(argv=None):
@@ -225,16 +315,32 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--skip-loader", action="store_true")
+    p.add_argument("--skip-precision", action="store_true", help="skip (d)")
+    p.add_argument("--only-precision", action="store_true", help="run (d) alone")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny run of every path (batch 2, 2 iterations, 64 px, no loader)")
     p.add_argument("--json")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args(argv)
+    if args.smoke:
+        args.batch_size, args.iters, args.warmup, args.caption_length = 2, 2, 1, 8
+        args.skip_loader = True
+        args.opts = [*args.opts, "INPUT.VIRTEX.CROP_SIZE", "64"]
 
-    full = _run(_measure_model, "virtex", args)
-    cnn = _run(_measure_model, "cnn", args)
-    loader = None if args.skip_loader else _run(_measure_loader, args)
+    precision = None if args.skip_precision else _run(_measure_precisions, args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"{args.config_file} on {device}, batch {args.batch_size}, "
           f"{args.caption_length}-token captions, {args.iters} timed iterations")
+    if args.only_precision:
+        _print_precision(precision, args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device, "precision": precision, "smoke": args.smoke,
+                           "argv": sys.argv[1:] if argv is None else list(argv)}, f, indent=2)
+        return
+    full = _run(functools.partial(_measure_model, "virtex"), args)
+    cnn = _run(functools.partial(_measure_model, "cnn"), args)
+    loader = None if args.skip_loader else _run(_measure_loader, args)
     print(f"{'':34s}{'images/s':>10s}{'peak MB':>10s}{'GFLOPs/img':>12s}")
     print(f"{'(a) VirTex step (+clip, Lookahead)':34s}{full['images_per_s']:10.2f}"
           f"{full['peak_mb']:10.0f}{full['gflops_per_image']:12.2f}")
@@ -245,11 +351,14 @@ def main(argv=None):
               f"{loader['images_per_s']:10.2f}{loader['peak_mb']:10.0f}")
         if loader["note"]:
             print(f"    note: {loader['note']}")
+    if precision:
+        _print_precision(precision, args)
     ratio = full["images_per_s"] / cnn["images_per_s"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "virtex": full, "cnn_only": cnn, "loader": loader,
-                       "ratio": ratio, "argv": sys.argv[1:]}, f, indent=2)
+                       "precision": precision, "ratio": ratio, "smoke": args.smoke,
+                       "argv": sys.argv[1:] if argv is None else list(argv)}, f, indent=2)
     print(f"ratio (a)/(b) images/s: {ratio:.3f}")
 
 

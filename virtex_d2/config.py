@@ -169,6 +169,12 @@ def add_virtex_config(cfg: CN) -> None:
     # Use torch.optim.SGD's fused/foreach kernels when available.
     _C.SOLVER.VIRTEX.FOREACH = True
 
+    # What SOLVER.AMP.ENABLED means on a CPU (on a GPU it is Detectron2's fp16 AMPTrainer):
+    # "auto": bf16 autocast if the CPU computes in bf16 natively (AVX512-BF16, AMX, Arm BF16),
+    # else fp32 with a warning in the log; "bfloat16": bf16 autocast even where it is emulated
+    # (slower than fp32, for testing numerics); "float32": never autocast on a CPU.
+    _C.SOLVER.AMP.CPU_DTYPE = "auto"
+
 
 def _add_classification_keys(cfg: CN) -> None:
     """Keys of the classification transfer protocols (linear probe, fine-tuning, VOC07 SVMs).

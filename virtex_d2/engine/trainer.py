@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import Iterable
 
 import torch
+from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -36,6 +38,7 @@ from ..data.detection_mapper import RobustDatasetMapper
 from ..data.train_loader import build_resumable_train_loader
 from ..evaluation.build import build_evaluator
 from ..solver import build_lr_scheduler, build_virtex_optimizer
+from .amp import CPUAMPTrainer, resolve_cpu_amp_dtype
 from .checkpoint import build_checkpointer
 from ..config import add_virtex_config
 from .hooks import RNGRestoreHook, RNGStateHook, TrainLoaderStateHook, install_nonfinite_guard
@@ -81,13 +84,7 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(
             model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
         )
-        amp = cfg.SOLVER.AMP.ENABLED
-        if amp and not torch.cuda.is_available():
-            raise ValueError(
-                "SOLVER.AMP.ENABLED is True but CUDA is not available; set SOLVER.AMP.ENABLED "
-                "False for CPU training"
-            )
-        self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = build_step_runner(cfg, model, data_loader, optimizer, on_cpu)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = build_checkpointer(
             cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
@@ -184,6 +181,28 @@ class Trainer(DefaultTrainer):
             # ROUGE-L, APr, AP-<class>); show all of them.
             logging.getLogger("virtex_d2").info("Evaluation results:\n" + results_table(results))
         return results
+
+
+def build_step_runner(
+    cfg: CfgNode,
+    model: torch.nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    on_cpu: bool,
+) -> SimpleTrainer:
+    """The inner training loop: plain fp32, Detectron2's ``AMPTrainer`` on GPUs (fp16 autocast
+    and a GradScaler, unchanged), or bf16 autocast on CPUs that compute in bf16 natively
+    (``engine.amp``; fp32 elsewhere, said in the log)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer(model, data_loader, optimizer)
+    if not on_cpu:
+        return AMPTrainer(model, data_loader, optimizer)
+    dtype = resolve_cpu_amp_dtype(
+        cfg.SOLVER.AMP.get("CPU_DTYPE", "auto"), log=logging.getLogger("detectron2")
+    )
+    if dtype is None:
+        return SimpleTrainer(model, data_loader, optimizer)
+    return CPUAMPTrainer(model, data_loader, optimizer, dtype=dtype)
 
 
 def results_table(results: dict) -> str:

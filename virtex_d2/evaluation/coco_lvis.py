@@ -1,9 +1,9 @@
-"""COCO and LVIS instance detection / segmentation evaluators backed by faster-coco-eval.
+"""COCO and LVIS instance detection / segmentation evaluators backed by hotcoco.
 
 Drop-in counterparts of Detectron2's ``COCOEvaluator`` and ``LVISEvaluator`` (same
-reset/process/evaluate contract, same result keys) that do the AP computation in
-faster-coco-eval's C++ code instead of pycocotools' Python loops or the ``lvis`` package (whose
-evaluator no longer runs on numpy >= 1.24). Metric definitions: :mod:`.fast_cocoeval`.
+reset/process/evaluate contract, same result keys) that do the AP computation in hotcoco's Rust
+code instead of pycocotools' Python loops or the ``lvis`` package (whose evaluator no longer
+runs on numpy >= 1.24). Metric definitions: :mod:`.fast_cocoeval`.
 
 Results of ``evaluate()`` on the main process (other ranks return ``{}``)::
 
@@ -32,7 +32,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
-from faster_coco_eval import COCO
+from hotcoco import COCO
 from tabulate import tabulate
 
 from .fast_cocoeval import evaluate_coco_json, load_gt
@@ -43,7 +43,7 @@ _SUPPORTED_TASKS = ("bbox", "segm")
 
 
 class FastCOCOEvaluator(DatasetEvaluator):
-    """COCO box / mask AP with faster-coco-eval (numbers equal pycocotools' COCOeval).
+    """COCO box / mask AP with hotcoco (numbers equal pycocotools' COCOeval).
 
     Ground truth comes from the dataset metadata's ``json_file``; datasets without one are
     converted with Detectron2's ``convert_to_coco_json`` (cached in ``output_dir``) or, without
@@ -138,7 +138,7 @@ class FastCOCOEvaluator(DatasetEvaluator):
                 json.dump(results, f)
 
         gt_api = self._ground_truth()
-        if len(gt_api.anns) == 0:
+        if not gt_api.get_ann_ids():
             # Test-set annotation files have no annotations: results go to a server.
             self._logger.info("Annotations are not available for evaluation.")
             return OrderedDict()
@@ -221,7 +221,7 @@ class FastCOCOEvaluator(DatasetEvaluator):
 
 
 class FastLVISEvaluator(FastCOCOEvaluator):
-    """LVIS box / mask AP (official protocol) with faster-coco-eval.
+    """LVIS box / mask AP (official protocol) with hotcoco.
 
     Federated evaluation over each image's positive and negative categories, no penalty for
     unmatched detections of not-exhaustively annotated categories, the 300 top-scoring

@@ -1,30 +1,32 @@
-"""COCO and LVIS instance AP from COCO-format json, computed with faster-coco-eval.
+"""COCO and LVIS instance AP from COCO-format json, computed with hotcoco.
 
 This is the model-free half of :mod:`virtex_d2.evaluation.coco_lvis`: it takes ground truth and
-detections in COCO results format and returns Detectron2-style metric dicts.
+detections in COCO results format and returns Detectron2-style metric dicts. The matching,
+accumulation and LVIS bookkeeping run in hotcoco (Rust, pycocotools-compatible, with an LVIS
+mode), the fastest of the exact evaluators measured by ``tools/benchmark_eval.py``.
 
 Formats:
     ground truth: a COCO / LVIS annotation file (path), the same as a dict, or an already
-        indexed ``faster_coco_eval.COCO``. LVIS images carry ``neg_category_ids`` and
+        indexed ``hotcoco.COCO``. LVIS images carry ``neg_category_ids`` and
         ``not_exhaustive_category_ids``; LVIS categories carry ``frequency`` in {"r", "c", "f"}.
     results: a json path or a list of dicts ``{"image_id": int, "category_id": int (dataset id),
         "score": float, "bbox": [x, y, w, h] (absolute XYWH), "segmentation": RLE with str
         counts}``, as written by ``detectron2.evaluation.coco_evaluation.instances_to_coco_json``.
     metrics: percent (x100) floats; NaN where no category has a valid ground truth in the slice.
 
-LVIS protocol (official ``lvis`` package, LVISResults + LVISEval) and what faster-coco-eval's
-``lvis_style=True`` covers:
-    - federated filtering of detections to each image's positive + negative categories: yes;
-    - unmatched detections of a ``not_exhaustive_category_ids`` category ignored: yes;
-    - APr / APc / APf from category ``frequency``: yes;
-    - at most 300 detections **per image across categories** (top scores), applied before the
-      federated filter: **no** -- faster-coco-eval only caps per (image, category) at
-      ``maxDets[-1]``. :func:`limit_dets_per_image` applies the official cap here, and the
-      per-(image, category) cap is then set to the same value so it never bites.
-One small difference remains: faster-coco-eval derives a ground truth's ``ignore`` flag from
-``iscrowd`` only, where the official code keeps an ``ignore`` field found in the annotation.
-LVIS annotation files have neither field, so results are the same (checked against the official
-evaluator in tests/test_coco_lvis_eval.py).
+LVIS protocol (official ``lvis`` package, LVISResults + LVISEval) and how it is done here:
+    - at most 300 detections **per image across categories** (top scores, ties in input
+      order), applied before the federated filter: ``hotcoco.LVISResults(gt, res, max_dets)``
+      (the same rule as :func:`limit_dets_per_image`);
+    - federated filtering of detections to each image's positive + negative categories, and
+      unmatched detections of a ``not_exhaustive_category_ids`` category ignored:
+      ``COCOeval(..., lvis_style=True)``;
+    - APr / APc / APf from category ``frequency``: :func:`summarize_precision`.
+All of it is checked against the official evaluator in tests/test_coco_lvis_eval.py.
+
+faster-coco-eval, which did this before, is no longer used here: hotcoco covers every piece
+(COCO and LVIS matching, the per-image LVIS cap, mask areas), so it stays only as the middle
+column of ``tools/benchmark_eval.py``.
 """
 from __future__ import annotations
 
@@ -37,9 +39,8 @@ import os
 from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
+import hotcoco
 import numpy as np
-from faster_coco_eval import COCO, COCOeval_faster
-from faster_coco_eval.core import mask as mask_api
 
 __all__ = [
     "COCO_METRICS",
@@ -62,51 +63,54 @@ LVIS_MAX_DETS = 300
 _IOU_TYPES = ("bbox", "segm")
 _FREQUENCIES = ("r", "c", "f")
 
-GtLike = Union[str, os.PathLike, dict, COCO]
+GtLike = Union[str, os.PathLike, dict, hotcoco.COCO]
 ResultsLike = Union[str, os.PathLike, Sequence[dict]]
 
 
-def load_gt(gt: GtLike) -> COCO:
+def load_gt(gt: GtLike) -> hotcoco.COCO:
     """Index ground truth for evaluation.
 
     Args:
-        gt: annotation json path, annotation dict, or a ``faster_coco_eval.COCO`` (returned as is).
+        gt: annotation json path, annotation dict, or a ``hotcoco.COCO`` (returned as is).
 
     Returns:
-        a ``faster_coco_eval.COCO``. A dict input is copied one level into each annotation
-        first, because evaluation adds keys (``ignore``, ``rle``) to annotation dicts and the
-        caller's dict should stay untouched.
+        a ``hotcoco.COCO``. It holds its own (Rust) copy of the data, so a dict passed in is
+        never modified.
     """
-    if isinstance(gt, COCO):
+    if isinstance(gt, hotcoco.COCO):
         return gt
     if isinstance(gt, (str, os.PathLike)):
-        return COCO(os.fspath(gt), print_function=logger.debug)
+        try:
+            return hotcoco.COCO(os.fspath(gt))  # parsed in Rust: much faster than json.load
+        except ValueError:
+            # e.g. Detectron2's convert_to_coco_json writes "licenses": null, which hotcoco's
+            # reader rejects; read it in Python and clean it up below.
+            with open(gt) as f:
+                gt = json.load(f)
     if isinstance(gt, dict):
-        data = dict(gt)
-        data["annotations"] = [dict(a) for a in gt.get("annotations") or []]
         # convert_to_coco_dict writes "licenses": None and may omit "annotations"; neither
-        # matters for evaluation.
-        return COCO(data, print_function=logger.debug)
+        # matters for evaluation, and hotcoco wants lists where it finds the keys.
+        data = {k: v for k, v in gt.items() if v is not None}
+        data.setdefault("annotations", [])
+        return hotcoco.COCO(data)
     raise TypeError(f"Unsupported ground truth type {type(gt)}")
 
 
 def _load_results(results: ResultsLike) -> List[dict]:
-    """Results as a list of fresh (shallow-copied) dicts, since load_results adds keys."""
     if isinstance(results, (str, os.PathLike)):
         with open(results) as f:
             results = json.load(f)
     if not isinstance(results, (list, tuple)):
         raise TypeError(f"Results must be a list of dicts, got {type(results)}")
-    return [dict(r) for r in results]
+    return list(results)
 
 
 def limit_dets_per_image(results: Sequence[dict], max_dets: int) -> List[dict]:
     """Keep the ``max_dets`` top-scoring detections of each image, over all categories.
 
-    This is LVIS's rule (applied when results are loaded, so before federated filtering:
-    detections of categories that are later ignored still take slots). Images are kept in
-    first-appearance order; a capped image's detections are sorted by score (stable, so ties
-    keep their input order), exactly reproducing the official ordering and tie-breaking.
+    LVIS's rule, in Python, for callers that want the capped list itself; evaluation applies
+    the same rule inside hotcoco (``LVISResults``). Images are kept in first-appearance order; a
+    capped image's detections are sorted by score (stable, so ties keep their input order).
     """
     per_image: Dict[int, List[dict]] = defaultdict(list)
     for r in results:
@@ -119,52 +123,41 @@ def limit_dets_per_image(results: Sequence[dict], max_dets: int) -> List[dict]:
     return kept
 
 
-def load_results(gt_api: COCO, results: List[dict], iou_type: str) -> COCO:
-    """Index detections like ``COCO.loadRes``, with the mask work done in two batched calls.
+def load_results(
+    gt_api: hotcoco.COCO, results: Sequence[dict], iou_type: str, lvis_cap: Optional[int] = None
+) -> hotcoco.COCO:
+    """Index detections like pycocotools' ``loadRes``, as Detectron2 prepares them.
 
-    Same fields as pycocotools' loadRes gives them: ``id`` = position + 1, ``iscrowd`` = 0,
-    ``area`` = box w * h for "bbox", mask area for "segm". For "segm" the area comes from the
-    mask even when a detection has a "bbox" too: Detectron2 gets the same by dropping "bbox"
-    before loadRes; the area decides the detection's small/medium/large range. A missing
-    "bbox" of a mask detection is not derived from its mask: mask matching never reads it.
-    loadRes calls the mask API once per detection, which cost about a fifth of a whole mask
-    evaluation. ``results`` dicts are modified in place.
+    For "segm" each detection's "bbox" is left out (shallow copies; the caller's dicts stay as
+    they are), so its area, which decides the small/medium/large range, comes from the mask:
+    Detectron2's COCOEvaluator and LVISEvaluator do the same. ``lvis_cap``: keep only each
+    image's ``lvis_cap`` top-scoring detections over all categories (LVIS).
     """
-    image_ids = set(gt_api.imgs)
-    unknown = {r["image_id"] for r in results} - image_ids
+    if iou_type not in _IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {_IOU_TYPES}, got {iou_type!r}")
+    # hotcoco only warns about unknown images; a results file for another split must fail.
+    unknown = {r["image_id"] for r in results} - set(gt_api.get_img_ids())
     if unknown:
         raise ValueError(
             f"Results contain {len(unknown)} image ids that are not in the ground truth, "
             f"e.g. {sorted(unknown)[:5]}"
         )
-    if iou_type == "segm" and results:
-        rles = [r["segmentation"] for r in results]
-        areas = mask_api.area(rles)
-        for i, r in enumerate(results):
-            r["area"] = float(areas[i])
+    if iou_type == "segm":
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     else:
-        for r in results:
-            r["area"] = float(r["bbox"][2]) * float(r["bbox"][3])
-    for i, r in enumerate(results):
-        r["id"] = i + 1
-        r["iscrowd"] = 0
-
-    dt_api = COCO(print_function=logger.debug)
-    dt_api.dataset = {
-        "images": list(gt_api.dataset.get("images", [])),
-        "categories": list(gt_api.dataset.get("categories", [])),
-        "annotations": results,
-    }
-    dt_api.createIndex()
-    return dt_api
+        results = list(results)
+    if lvis_cap is not None:
+        return hotcoco.LVISResults(gt_api, results, max_dets=int(lvis_cap))
+    return gt_api.load_res(results)
 
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector.
 
-    Indexing creates hundreds of thousands of dicts, which triggers repeated full collections
-    that scan every live object; they made timings jump by up to 2x and free nothing here.
+    Reading json and copying detections creates hundreds of thousands of dicts, which triggers
+    repeated full collections that scan every live object; they made timings jump by up to 2x
+    and free nothing here.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -176,49 +169,38 @@ def _gc_paused() -> Iterator[None]:
 
 
 def run_cocoeval(
-    gt_api: COCO,
-    results: List[dict],
+    gt_api: hotcoco.COCO,
+    results: Sequence[dict],
     iou_type: str,
     lvis: bool = False,
     max_dets: Optional[int] = None,
-    iou_workers: int = 1,
-) -> COCOeval_faster:
-    """Run faster-coco-eval's evaluate + accumulate; ``results`` are modified in place.
+) -> hotcoco.COCOeval:
+    """Run hotcoco's evaluate + accumulate. ``results`` are not modified.
 
     Args:
         gt_api: indexed ground truth.
-        results: COCO results (fresh dicts the caller no longer needs).
+        results: COCO results.
         iou_type: "bbox" or "segm".
         lvis: use the LVIS protocol (federated, 300 per image, frequency groups).
         max_dets: COCO: the last of maxDets [1, 10, max_dets] (default 100), like Detectron2's
             ``max_dets_per_image``. LVIS: the per-image cap (default 300).
-        iou_workers: threads for mask IoUs. One by default: each (image, category) pair takes
-            tens of microseconds, so handing pairs to threads cost more than it saved (mask
-            IoU of the 300-image benchmark on 2 cores: 0.037 s in one thread, 0.054 s in two).
 
     Returns:
-        the evaluated ``COCOeval_faster``; ``.eval["precision"]`` has shape (T, R, K, A, M) for
+        the evaluated ``hotcoco.COCOeval``; ``.eval["precision"]`` has shape (T, R, K, A, M) for
         IoU thresholds, recall thresholds, categories (sorted ids), area ranges, maxDets.
     """
-    if iou_type not in _IOU_TYPES:
-        raise ValueError(f"iou_type must be one of {_IOU_TYPES}, got {iou_type!r}")
     if lvis:
         cap = LVIS_MAX_DETS if max_dets is None else int(max_dets)
-        results = limit_dets_per_image(results, cap)
         max_dets_list = [cap]
     else:
+        cap = None
         max_dets_list = [1, 10, 100 if max_dets is None else int(max_dets)]
 
     with _gc_paused():
-        dt_api = load_results(gt_api, results, iou_type)
-        ev = COCOeval_faster(
-            gt_api,
-            dt_api,
-            iouType=iou_type,
-            lvis_style=lvis,
-            print_function=logger.debug,
-            rle_iou_max_workers=iou_workers,
-        )
+        dt_api = load_results(gt_api, results, iou_type, lvis_cap=cap)
+        ev = hotcoco.COCOeval(gt_api, dt_api, iou_type, lvis_style=lvis)
+        # The per-(image, category) cap; for LVIS it equals the per-image cap, so it never
+        # removes anything the per-image cap kept (the official evaluator has no such cap).
         ev.params.maxDets = max_dets_list
         ev.evaluate()
         ev.accumulate()
@@ -231,14 +213,14 @@ def _mean_valid(values: np.ndarray) -> float:
 
 
 def summarize_precision(
-    ev: COCOeval_faster, lvis: bool = False, per_category: bool = False
+    ev: hotcoco.COCOeval, lvis: bool = False, per_category: bool = False
 ) -> Dict[str, float]:
-    """Detectron2-style metrics from an evaluated ``COCOeval_faster``.
+    """Detectron2-style metrics from an evaluated ``hotcoco.COCOeval``.
 
     The means follow pycocotools' ``summarize`` (entries of -1, i.e. categories without valid
-    ground truth, are left out) at the largest maxDets; they are computed here rather than read
-    from ``ev.stats`` because the layout of that vector differs between faster-coco-eval
-    versions and modes.
+    ground truth, are left out) at the largest maxDets; they are computed from the precision
+    array rather than by ``summarize()``, which prints, and so that per-category and
+    frequency-group means come from the same array.
 
     Returns:
         {"AP", "AP50", "AP75", "APs", "APm", "APl"} (+ "APr", "APc", "APf" for LVIS)
@@ -262,7 +244,8 @@ def summarize_precision(
         "APl": _mean_valid(last[:, :, :, area_index["large"]]),
     }
     cat_ids = [int(c) for c in p.catIds]
-    cats = ev.cocoGt.cats
+    if lvis or per_category:
+        cats = ev.cocoGt.cats  # a fresh dict on every access: read it once
     if lvis:
         for freq in _FREQUENCIES:
             idx = [k for k, c in enumerate(cat_ids) if cats[c]["frequency"] == freq]
@@ -284,7 +267,7 @@ def evaluate_coco_json(
     """COCO or LVIS AP of detections in COCO results format; usable without a model.
 
     Args:
-        gt: ground truth (see :func:`load_gt`); pass a ``faster_coco_eval.COCO`` to reuse one.
+        gt: ground truth (see :func:`load_gt`); pass a ``hotcoco.COCO`` to reuse one.
         results: results json path or list of result dicts (not modified).
         iou_type: "bbox" or "segm".
         lvis: LVIS protocol (federated evaluation, per-image cap, APr/APc/APf).
