@@ -28,7 +28,6 @@ running_var: a silently missing running statistic would load as the identity tra
 """
 from __future__ import annotations
 
-import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
+
+from ..io import atomic_write
 
 __all__ = [
     "SOURCES",
@@ -209,12 +210,8 @@ def save_d2_checkpoint(result: Union[ConversionResult, Mapping[str, torch.Tensor
         "__author__": "virtex_d2",
         "matching_heuristics": True,
     }
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    # Write next to the target, then rename, so an interrupted run never leaves half a file.
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    # An interrupted run never leaves half a file.
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 # --------------------------------------------------------------------------------------- naming

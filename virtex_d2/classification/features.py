@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint.convert import convert_checkpoint
+from ..io import atomic_write
 from .mapper import ClassificationDatasetMapper, build_eval_augmentations, build_inference_loader
 from .meta_arch import ImageClassifier
 
@@ -156,16 +157,13 @@ class FeatureCache:
     def save(
         self, dataset_name: str, meta: Dict[str, Any], features: np.ndarray, image_ids: List[Any]
     ) -> str:
-        os.makedirs(self.cache_dir, exist_ok=True)
         path = self.path(dataset_name, meta)
-        tmp = path + ".tmp.npz"  # np.savez keeps a name ending in .npz as it is
-        np.savez(
-            tmp,
+        atomic_write(path, lambda f: np.savez(  # readers never see half a file
+            f,
             features=features.astype(np.float32),
             image_ids=np.array([str(i) for i in image_ids]),
             meta=np.array(json.dumps(meta, default=str)),
-        )
-        os.replace(tmp, path)  # readers never see half a file
+        ))
         return path
 
 

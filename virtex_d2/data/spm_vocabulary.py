@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from ..io import atomic_write_text
 from .tokenizer import SPECIAL_TOKENS, WORD_START, CaptionTokenizer
 
 # SentencePiece piece types (sentencepiece_model.proto).
@@ -126,8 +127,5 @@ def import_sentencepiece_vocabulary(model_path: str | os.PathLike,
     tok.decoder = decoders.Metaspace(replacement=WORD_START)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, output)
+    atomic_write_text(output, tok.to_str())
     return CaptionTokenizer(output)

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from ..io import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[UNK]", "[SOS]", "[EOS]", "[MASK]")
@@ -74,10 +76,7 @@ def train_vocabulary(
         if tok.token_to_id(name) != i:
             raise RuntimeError(f"special token {name} got id {tok.token_to_id(name)}, expected {i}")
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, output)
+    atomic_write_text(output, tok.to_str())
     logger.info(
         "Wrote a %d-token vocabulary learned from %d captions to %s",
         tok.get_vocab_size(), len(captions), output,

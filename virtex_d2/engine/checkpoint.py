@@ -19,11 +19,9 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import pickle
-import tempfile
 from typing import IO, Any, Callable, Iterator
 
 import torch
@@ -31,6 +29,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import CNNBlockBase
 from torch import nn
 
+from .. import io
 from ..checkpoint.convert import (
     IncompleteBackboneError,
     convert_state_dict,
@@ -44,7 +43,7 @@ LAST_CHECKPOINT = "last_checkpoint"
 _SHOW = 12  # keys named in an error message
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(io.AtomicWriteError):
     """A checkpoint could not be written; nothing already on disk was changed."""
 
 
@@ -56,46 +55,18 @@ class WeightsMismatchError(RuntimeError):
     """Required parameters were missing from a checkpoint or had another shape."""
 
 
-def _fsync_dir(directory: str) -> None:
-    # The rename is only durable once the directory entry is on disk (POSIX).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms where directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` via a temporary file in the same directory, fsync and ``os.replace``.
+    """Checkpoint files go through the package's one atomic writer (``virtex_d2.io``).
 
     Raises:
         CheckpointWriteError: with the errno of the failure; ``path`` is untouched.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if not isinstance(e, Exception):
-            raise  # KeyboardInterrupt etc.: nothing to explain
-        code = getattr(e, "errno", None) or errno.EIO
-        reason = getattr(e, "strerror", None) or str(e)
-        raise CheckpointWriteError(
-            code,
-            f"could not write {path}: {reason}. Nothing on disk was changed (the previous "
-            f"checkpoint and {LAST_CHECKPOINT} are intact). Free space in {directory} or point "
-            "OUTPUT_DIR elsewhere, then continue with --resume",
-        ) from e
-    _fsync_dir(directory)
+    io.atomic_write(
+        path, write, error=CheckpointWriteError,
+        advice=f"The previous checkpoint and {LAST_CHECKPOINT} are intact. Free space in "
+        f"{directory} or point OUTPUT_DIR elsewhere, then continue with --resume",
+    )
 
 
 def nonfinite_tensors(state: dict[str, Any]) -> list[str]:

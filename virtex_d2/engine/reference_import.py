@@ -36,7 +36,7 @@ from ..checkpoint.reference import (
 )
 from ..config import CAPTIONING_TASKS, add_virtex_config
 from ..data.spm_vocabulary import import_sentencepiece_vocabulary
-from .checkpoint import atomic_write
+from ..io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def import_reference(checkpoint: str, config: str, vocab: Optional[str], output:
     cfg.MODEL.WEIGHTS = weights_path
     config_path = os.path.join(output, "config.yaml")
     text = cfg.dump()
-    atomic_write(config_path, lambda f: f.write(text.encode()))
+    atomic_write_text(config_path, text)
     for note in translation.notes:
         logger.info("import_reference: %s", note)
     return ImportResult(config_path, weights_path, vocab_path, task, translation.notes)
