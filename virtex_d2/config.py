@@ -126,6 +126,11 @@ def add_virtex_config(cfg: CN) -> None:
     # Use torch.optim.SGD's fused/foreach kernels when available.
     _C.SOLVER.VIRTEX.FOREACH = True
 
+    # WebDataset shards (DATASETS.TRAIN entries "webdataset:<pattern>", see data/streaming.py):
+    # samples of a shard pass through a shuffle buffer of this many samples (raw bytes, per
+    # data-loader worker; the buffer is refilled from the same shard, so memory stays bounded).
+    _C.DATALOADER.VIRTEX_SHUFFLE_BUFFER = 1000
+
     # Failure-handling keys (bad-data threshold, pickle opt-in, weight-loading checks).
     from .engine.config import add_engine_config  # imported here: engine imports data/modeling
 
