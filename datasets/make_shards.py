@@ -4,8 +4,8 @@
 One sample per image: the image file's bytes as they are (``jpg``/``png``/``webp``, not
 re-encoded) and ``json`` = ``{"caption": first caption, "captions": [all captions],
 "image_id", "file_name", "width", "height"}``, plus ``txt`` = the first caption, which is what
-img2dataset writes. Train on the result with ``DATASETS.TRAIN ("webdataset:OUT/{00000..NNNNN}.tar",)``
-(the command prints the exact pattern).
+img2dataset writes. Train on the result with
+``DATASETS.TRAIN ("webdataset:OUT/{00000..NNNNN}.tar",)`` (the command prints the exact pattern).
 
 Examples::
 

@@ -25,7 +25,8 @@ def hub(name: str, weights=None) -> torch.nn.Module:
 
 
 def convert_tool():
-    spec = importlib.util.spec_from_file_location("convert_to_d2", REPO / "tools" / "convert_to_d2.py")
+    path = REPO / "tools" / "convert_to_d2.py"
+    spec = importlib.util.spec_from_file_location("convert_to_d2", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -19,16 +19,7 @@ from virtex_d2.data.validation import BadDataError
 sys.path.insert(0, str(REPO / "datasets"))
 import make_shards  # noqa: E402
 
-NUM_IMAGES, PER_SHARD = 24, 3  # the synthetic fixture's train split: 8 shards of 3
-
-
-@pytest.fixture(scope="module")
-def shards(synthetic, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    base = synthetic["root"] / "synthetic"
-    summary = make_shards.make_shards(str(base / "annotations" / "captions_train.json"),
-                                      str(base / "train"), str(out), PER_SHARD, progress=False)
-    return {"dir": out, **summary, "urls": expand_shards(["webdataset:" + summary["pattern"]])}
+NUM_IMAGES, PER_SHARD = 24, 3  # the `shards` fixture (conftest.py): 8 shards of 3
 
 
 def keys_only(record: dict) -> dict:

@@ -10,7 +10,6 @@ import time
 
 import torch
 from helpers import REPO, tiny_textual_head_opts
-from test_webdataset import shards  # noqa: F401  (module fixture)
 
 CONFIG = str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml")
 ITERS, KILL_AFTER = 7, 3  # checkpoints after iterations 1, 3, 5, 6: killed between 3 and 5
@@ -63,7 +62,7 @@ def child_script(tmp_path, log, kill_after=-1):
     return str(path)
 
 
-def opts(synthetic, shards, out, batch=4):  # noqa: F811
+def opts(synthetic, shards, out, batch=4):
     return [
         *tiny_textual_head_opts(synthetic),
         "DATASETS.TRAIN", f"('webdataset:{shards['pattern']}',)", "DATASETS.TEST", "()",
@@ -98,7 +97,7 @@ def run(cmd, **kw):
 
 
 def test_sigkilled_run_on_shards_resumes_to_the_same_samples_and_weights(synthetic, shards,
-                                                                          tmp_path):  # noqa: F811
+                                                                          tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
     full_log, broken_log = tmp_path / "full.jsonl", tmp_path / "broken.jsonl"
     run([sys.executable, child_script(tmp_path, full_log), "--config-file", CONFIG,
@@ -141,7 +140,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_under_torchrun_read_disjoint_samples(synthetic, shards, tmp_path):  # noqa: F811
+def test_two_nodes_under_torchrun_read_disjoint_samples(synthetic, shards, tmp_path):
     log, out = tmp_path / "log.jsonl", tmp_path / "out"
     script = child_script(tmp_path, log)
     port = str(_free_port())
@@ -182,7 +181,7 @@ def test_two_nodes_under_torchrun_read_disjoint_samples(synthetic, shards, tmp_p
     assert [r["read"] for r in ranks] == [ITERS, ITERS]
 
 
-def test_train_net_names_a_missing_shard_before_training(synthetic, shards, tmp_path):  # noqa: F811
+def test_train_net_names_a_missing_shard_before_training(synthetic, shards, tmp_path):
     bad = "('webdataset:/nonexistent/{00000..00003}.tar',)"
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", CONFIG,

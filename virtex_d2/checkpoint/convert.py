@@ -502,7 +502,9 @@ def torchvision_arch(result: ConversionResult) -> str:
     return _TORCHVISION_ARCHS[key]
 
 
-def d2_to_torchvision_state(d2_state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+def d2_to_torchvision_state(
+    d2_state: Mapping[str, torch.Tensor],
+) -> "OrderedDict[str, torch.Tensor]":
     """Detectron2 backbone names -> a torchvision ResNet state dict without ``fc``.
 
     BN ``num_batches_tracked`` counters (not converted to Detectron2) come back as 0, so

@@ -2,8 +2,9 @@
 
 Input: a caption dataset record ``{"file_name", "image_id", "height", "width",
 "captions": [str, ...], optional "labels": [int, ...]}``; a record streamed from WebDataset
-shards has ``"image_bytes"`` (the encoded image) and ``file_name`` only names it. Output (one dict per image; padding
-to a batch happens in the meta-architecture, like ``ImageList`` for images):
+shards has ``"image_bytes"`` (the encoded image) and ``file_name`` only names it. Output (one
+dict per image; padding to a batch happens in the meta-architecture, like ``ImageList`` for
+images):
 
 - ``image``: uint8 tensor (3, S, S) in ``INPUT.FORMAT`` (RGB for VirTex),
 - ``caption``: the chosen caption (words "left"/"right" swapped if the image was flipped),

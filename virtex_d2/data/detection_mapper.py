@@ -13,10 +13,10 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from PIL import Image
 
 from ..captioner import load_image_rgb
 

@@ -3,9 +3,9 @@
 A training set named ``webdataset:<pattern>`` in ``DATASETS.TRAIN`` is a set of tar shards as
 img2dataset (or ``datasets/make_shards.py``) writes them: each sample is an image
 (``jpg``/``jpeg``/``png``/``webp``) with its caption(s) in ``json`` (``captions`` list and/or
-``caption`` string) or ``txt``. ``<pattern>`` is a brace pattern (``/data/cc3m/{00000..00331}.tar``),
-a glob (``/data/cc3m/*.tar``), a single file, or several of these joined by ``::``; ``pipe:`` and
-``http(s)://`` URLs are passed to webdataset as they are.
+``caption`` string) or ``txt``. ``<pattern>`` is a brace pattern
+(``/data/cc3m/{00000..00331}.tar``), a glob (``/data/cc3m/*.tar``), a single file, or several of
+these joined by ``::``; ``pipe:`` and ``http(s)://`` URLs are passed to webdataset as they are.
 
 Shard assignment (:func:`assigned_shards`): in epoch ``e`` the shard list is permuted by
 ``(seed, e)`` and slot ``s`` of ``S = world_size x streams`` takes every ``S``-th shard from

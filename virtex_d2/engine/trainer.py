@@ -11,9 +11,9 @@ TensorBoard writers, ``test``) with the choices that depend on the config:
 - failure behaviour (README "Failure behaviour"): a resumable training loader whose batches
   depend only on (seed, iteration) and which skips and counts bad records
   (``data.resumable``, ``data.train_loader``), or streaming WebDataset shards for
-  ``webdataset:<pattern>`` training sets (``data.streaming``); a crash-safe checkpointer that refuses pickle and
-  partial loads (``engine.checkpoint``); random state in checkpoints and a non-finite loss guard
-  (``engine.hooks``).
+  ``webdataset:<pattern>`` training sets (``data.streaming``); a crash-safe checkpointer that
+  refuses pickle and partial loads (``engine.checkpoint``); random state in checkpoints and a
+  non-finite loss guard (``engine.hooks``).
 """
 from __future__ import annotations
 
