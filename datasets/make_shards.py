@@ -60,9 +60,11 @@ def _sample(record: dict[str, Any]) -> dict[str, Any] | str:
     meta = {"caption": captions[0], "captions": captions, "image_id": record["image_id"],
             "file_name": os.path.basename(path), "width": record["width"],
             "height": record["height"]}
-    return {"__key__": f"{record['image_id']:012d}" if isinstance(record["image_id"], int)
-            else str(record["image_id"]),
-            ext: data, "json": json.dumps(meta).encode(), "txt": captions[0].encode()}
+    image_id = record["image_id"]
+    # webdataset splits member names at the first dot: keys must not contain one.
+    key = f"{image_id:012d}" if isinstance(image_id, int) else str(image_id).replace(".", "_")
+    return {"__key__": key, ext: data, "json": json.dumps(meta).encode(),
+            "txt": captions[0].encode()}
 
 
 def _write_shard(path: str, samples: Sequence[dict[str, Any]]) -> None:
@@ -118,7 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "data-loader workers needs at least N x W shards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    summary = make_shards(args.captions, args.images, args.output, args.samples_per_shard)
+    try:
+        summary = make_shards(args.captions, args.images, args.output, args.samples_per_shard)
+    except (OSError, ValueError) as e:  # a bad json or folder: the message names it
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for name, why in list(summary["skipped"].items())[:10]:
         print(f"skipped {name}: {why}", file=sys.stderr)
     print(f"wrote {summary['samples']} images ({summary['captions']} captions) in "
