@@ -12,8 +12,9 @@ shared machine do not inflate.
     python tools/benchmarks/benchmark_loader.py [--captions JSON --images DIR] [--workers 2]
         [--batch-size 16] [--batches 30] [--repeats 3]
 
-Default data: the real COCO photos of ../shared/data/coco_tiny (17 captioned images, read
-over and over). Timing starts after ``--warmup`` batches, so worker start-up is not counted.
+Default data: the real COCO photos of ../shared/data/coco_tiny (the first 16 of its 17
+captioned images, read over and over). Timing starts after ``--warmup`` batches, so worker
+start-up is not counted.
 """
 from __future__ import annotations
 
@@ -78,6 +79,25 @@ def _measure(cfg, args) -> dict:
     return {"images_per_s": n / elapsed, "cpu_ms_per_image": 1000 * cpu / n}
 
 
+def _equal_subset(captions: str, num_shards: int, tmp: str) -> tuple[str, int]:
+    """A copy of ``captions`` keeping the first images, a multiple of ``num_shards`` of them
+    (with captions); returns (its path, images per shard)."""
+    with open(captions) as f:
+        data = json.load(f)
+    captioned = sorted({a["image_id"] for a in data["annotations"] if str(a.get("caption", ""))
+                        .strip()})
+    per_shard = len(captioned) // num_shards
+    if per_shard == 0:
+        raise SystemExit(f"{captions} has {len(captioned)} captioned images; need {num_shards}")
+    keep = set(captioned[: per_shard * num_shards])
+    data["images"] = [i for i in data["images"] if i["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    path = os.path.join(tmp, "captions.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path, per_shard
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", default=os.path.join(COCO_TINY, "annotations",
@@ -103,16 +123,19 @@ def main(argv=None) -> int:
     from virtex_d2.data.datasets.coco_captions import load_coco_captions_json
     from virtex_d2.data.tokenizer import train_vocabulary
 
-    records = load_coco_captions_json(args.captions, args.images)
-    # Enough shards for every worker, as a real run would have.
-    per_shard = max(1, len(records) // (2 * max(1, args.workers)))
     if args.measure:
         tokenizer, summary = None, {"pattern": args.shards}
     else:
         tmp = tempfile.mkdtemp(prefix="benchmark_loader_")
+        # Two equal shards per worker, and the json path on exactly those images: then every
+        # stream's epoch has as many images as the others, and both paths see every image
+        # equally often (unequal shards would weight some images more, and decoding cost
+        # differs between images).
+        args.captions, per_shard = _equal_subset(args.captions, 2 * max(1, args.workers), tmp)
         tokenizer = train_vocabulary([args.captions], 300, os.path.join(tmp, "vocab.json"))
         summary = make_shards.make_shards(args.captions, args.images,
                                           os.path.join(tmp, "shards"), per_shard, progress=False)
+    records = load_coco_captions_json(args.captions, args.images)
     name = "benchmark_loader_json"
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
@@ -131,7 +154,7 @@ def main(argv=None) -> int:
         # runs right after the other.
         for label in list(paths)[:: 1 if repeat % 2 == 0 else -1]:
             cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]),
-                   "--measure", label, "--vocab", tokenizer.path,
+                   "--captions", args.captions, "--measure", label, "--vocab", tokenizer.path,
                    "--vocab-size", str(len(tokenizer)), "--shards", summary["pattern"]]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
             if out.returncode:
