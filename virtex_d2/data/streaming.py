@@ -40,6 +40,7 @@ from .shards import (
     sample_to_record,
 )
 from .validation import FAILED_KEY, SKIPPED_KEY, BadSampleTracker, max_bad_records
+from .workers import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class StreamingTrainLoader:
             dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
             # See ResumableTrainLoader: keep torch's global generator (dropout) untouched.
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=keep_freed_memory,
         )
         for item in loader:
             self.positions[item["stream"]] = tuple(item["position"])
