@@ -38,3 +38,22 @@ def synthetic(tmp_path_factory):
     else:
         os.environ["DETECTRON2_DATASETS"] = old
     register_all_virtex_datasets()
+
+
+@pytest.fixture(scope="module")
+def shards(synthetic, tmp_path_factory):
+    """The `synthetic` fixture's 24 train images as 8 WebDataset shards of 3
+    (datasets/make_shards.py): {"dir", "pattern", "shards", "samples", "captions", "skipped",
+    "urls"}."""
+    from helpers import REPO
+
+    from virtex_d2.data.shards import expand_shards
+
+    sys.path.insert(0, str(REPO / "datasets"))
+    import make_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    base = synthetic["root"] / "synthetic"
+    summary = make_shards.make_shards(str(base / "annotations" / "captions_train.json"),
+                                      str(base / "train"), str(out), 3, progress=False)
+    return {"dir": out, **summary, "urls": expand_shards(["webdataset:" + summary["pattern"]])}

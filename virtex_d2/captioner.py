@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -109,12 +110,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image_rgb(path: str) -> np.ndarray:
-    """Decode ``path`` -> (H, W, 3) uint8 RGB, upright per EXIF. Raises UnreadableImageError."""
+def load_image_rgb(path: str, data: bytes | None = None) -> np.ndarray:
+    """Decode ``path`` -> (H, W, 3) uint8 RGB, upright per EXIF. Raises UnreadableImageError.
+
+    With ``data`` (the encoded file, e.g. read from a WebDataset shard), those bytes are decoded
+    and ``path`` only names the image in error messages.
+    """
     try:
-        if os.path.getsize(path) == 0:
+        if (len(data) if data is not None else os.path.getsize(path)) == 0:
             raise UnreadableImageError(path, "empty file (0 bytes)")
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.load()  # Image.open is lazy: truncated data only fails here
             try:
                 image = ImageOps.exif_transpose(image)

@@ -175,6 +175,11 @@ def add_virtex_config(cfg: CN) -> None:
     # (slower than fp32, for testing numerics); "float32": never autocast on a CPU.
     _C.SOLVER.AMP.CPU_DTYPE = "auto"
 
+    # WebDataset shards (DATASETS.TRAIN entries "webdataset:<pattern>", see data/streaming.py):
+    # samples of a shard pass through a shuffle buffer of this many samples (raw bytes, per
+    # data-loader worker; the buffer is refilled from the same shard, so memory stays bounded).
+    _C.DATALOADER.VIRTEX_SHUFFLE_BUFFER = 1000
+
 
 def _add_classification_keys(cfg: CN) -> None:
     """Keys of the classification transfer protocols (linear probe, fine-tuning, VOC07 SVMs).

@@ -22,6 +22,13 @@ never affects their outputs; torch's BN fills a missing counter in when loading 
 version metadata (which is what the checkpointer passes), and ``FrozenBatchNorm2d`` has no such
 buffer, so keeping it would only produce "unexpected key" warnings for frozen backbones.
 
+The reverse direction, :func:`d2_to_torchvision_state`, turns any of these (or a Detectron2
+backbone file written here) into a torchvision ResNet state dict, with the same rename table read
+backwards (:func:`d2_to_torchvision_name`); ``hubconf.py`` and ``tools/convert_to_d2.py --to
+torchvision`` use it. It assumes torchvision's stride placement (the 3x3 conv), which is what
+VirTex uses (``MODEL.RESNETS.STRIDE_IN_1X1 False``); weights trained with the stride in the 1x1
+conv (Detectron2's MSRA models) convert without error but compute different features.
+
 Conversion refuses (:class:`IncompleteBackboneError`) unless every conv and norm of the stem and
 of res2..res5 for the inferred depth is present with all of weight, bias, running_mean and
 running_var: a silently missing running statistic would load as the identity transform.
@@ -50,6 +57,10 @@ __all__ = [
     "save_d2_checkpoint",
     "torchvision_to_d2_name",
     "d2_to_torchvision_name",
+    "detect_source",
+    "d2_to_torchvision_state",
+    "torchvision_arch",
+    "save_torchvision_state",
 ]
 
 SOURCES = ("virtex_d2", "virtex", "torchvision")
@@ -460,6 +471,8 @@ def convert_checkpoint(
 ) -> ConversionResult:
     """Convert a checkpoint file, a loaded checkpoint or a bare state dict.
 
+    ``source`` is one of :data:`SOURCES`, or "auto" to recognise the layout (:func:`detect_source`).
+
     Files are read with :func:`load_any_checkpoint` (weights only); wrappers are removed with
     :func:`extract_state_dict`. See :func:`convert_state_dict` for the other arguments.
     """
@@ -470,3 +483,47 @@ def convert_checkpoint(
     return convert_state_dict(
         state, source, prefix=prefix, expected_depth=expected_depth, progress=progress
     )
+
+
+# ------------------------------------------------------------------------ back to torchvision
+
+# (depth, groups, width per group) -> torchvision's builder; basic blocks report width 64.
+_TORCHVISION_ARCHS = {
+    (18, 1, 64): "resnet18", (34, 1, 64): "resnet34", (50, 1, 64): "resnet50",
+    (101, 1, 64): "resnet101", (152, 1, 64): "resnet152", (50, 1, 128): "wide_resnet50_2",
+    (101, 1, 128): "wide_resnet101_2", (50, 32, 4): "resnext50_32x4d",
+    (101, 32, 8): "resnext101_32x8d",
+}
+
+
+def torchvision_arch(result: ConversionResult) -> str:
+    """The ``torchvision.models`` builder whose network these weights fit, e.g. "resnet50"."""
+    key = (result.depth, result.num_groups, result.width_per_group)
+    if key not in _TORCHVISION_ARCHS or result.stem_out_channels != 64:
+        raise ValueError(
+            f"a ResNet-{result.depth} with {result.num_groups}x{result.width_per_group}d blocks "
+            f"and a {result.stem_out_channels}-channel stem has no torchvision counterpart"
+        )
+    return _TORCHVISION_ARCHS[key]
+
+
+def d2_to_torchvision_state(
+    d2_state: Mapping[str, torch.Tensor],
+) -> "OrderedDict[str, torch.Tensor]":
+    """Detectron2 backbone names -> a torchvision ResNet state dict without ``fc``.
+
+    BN ``num_batches_tracked`` counters (not converted to Detectron2) come back as 0, so
+    ``torchvision.models.resnetXX().load_state_dict(sd, strict=False)`` misses only ``fc.*``.
+    """
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for name, tensor in d2_state.items():
+        out[d2_to_torchvision_name(name)] = tensor.detach().cpu().contiguous()
+        if name.endswith(".norm.running_var"):
+            counter = name[: -len("running_var")] + _BN_COUNTER
+            out[d2_to_torchvision_name(counter)] = torch.tensor(0, dtype=torch.long)
+    return out
+
+
+def save_torchvision_state(state: Mapping[str, torch.Tensor], path: str) -> None:
+    """Write a plain state dict (``torch.load(weights_only=True)`` reads it), atomically."""
+    atomic_write(path, lambda f: torch.save(OrderedDict(state), f))

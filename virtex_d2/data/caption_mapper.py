@@ -1,8 +1,10 @@
 """Dataset mapper for VirTex pretraining: image augmentation plus the targets of every task.
 
 Input: a caption dataset record ``{"file_name", "image_id", "height", "width",
-"captions": [str, ...], optional "labels": [int, ...]}``. Output (one dict per image; padding
-to a batch happens in the meta-architecture, like ``ImageList`` for images):
+"captions": [str, ...], optional "labels": [int, ...]}``; a record streamed from WebDataset
+shards has ``"image_bytes"`` (the encoded image) and ``file_name`` only names it. Output (one
+dict per image; padding to a batch happens in the meta-architecture, like ``ImageList`` for
+images):
 
 - ``image``: uint8 tensor (3, S, S) in ``INPUT.FORMAT`` (RGB for VirTex),
 - ``caption``: the chosen caption (words "left"/"right" swapped if the image was flipped),
@@ -152,7 +154,8 @@ class CaptionDatasetMapper:
         # which the training loader counts as a bad sample. The record's width/height are not
         # checked: captions do not depend on them, and an EXIF-rotated photo legitimately
         # decodes with width and height swapped.
-        image = read_image_checked(d["file_name"], self.image_format)
+        # Records streamed from WebDataset shards carry the encoded image ("image_bytes").
+        image = read_image_checked(d["file_name"], self.image_format, d.pop("image_bytes", None))
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image

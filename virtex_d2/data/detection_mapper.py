@@ -9,22 +9,30 @@ the file, which the training loader counts as a bad sample (``data.resumable``).
 from __future__ import annotations
 
 import copy
+import io
 
 import numpy as np
 import torch
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from PIL import Image
 
 from ..captioner import load_image_rgb
 
 
-def read_image_checked(file_name: str, image_format: str) -> np.ndarray:
+def read_image_checked(file_name: str, image_format: str, data: bytes | None = None) -> np.ndarray:
     """(H, W, 3) uint8 in ``image_format`` ("RGB" or "BGR"); other formats use Detectron2's
-    reader (``L``, ``YUV-BT.601``), which has its own conversion rules."""
+    reader (``L``, ``YUV-BT.601``), which has its own conversion rules. ``data``: the encoded
+    image (from a shard) instead of the file ``file_name``."""
     if image_format not in ("RGB", "BGR"):
-        return utils.read_image(file_name, format=image_format)
-    image = load_image_rgb(file_name)
+        if data is None:
+            return utils.read_image(file_name, format=image_format)
+        # read_image opens paths only; the same two steps on the bytes.
+        with Image.open(io.BytesIO(data)) as image:
+            image = utils._apply_exif_orientation(image)
+            return utils.convert_PIL_to_numpy(image, image_format)
+    image = load_image_rgb(file_name, data)
     return np.ascontiguousarray(image[:, :, ::-1]) if image_format == "BGR" else image
 
 

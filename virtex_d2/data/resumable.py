@@ -33,6 +33,7 @@ from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 
 from .validation import FAILED_KEY, SKIPPED_KEY, BadSampleTracker
+from .workers import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class ResumableTrainLoader:
             # Without its own generator, creating the iterator would draw from torch's global
             # generator and shift the dropout masks of a resumed run.
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=keep_freed_memory,
         )
         for batch in loader:
             yield self.tracker.consume(batch)

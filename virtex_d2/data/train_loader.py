@@ -14,6 +14,7 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.utils import comm
 
 from .resumable import ResumableTrainLoader
+from .shards import is_webdataset_name
 from .validation import (
     BadDataError,
     BadSampleTracker,
@@ -29,6 +30,14 @@ SUPPORTED_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler")
 def load_training_records(cfg) -> list[dict]:
     """``DATASETS.TRAIN`` as Detectron2 dataset dicts; a loader failure names the json files."""
     names = list(cfg.DATASETS.TRAIN)
+    shards = [n for n in names if is_webdataset_name(n)]
+    if shards:
+        raise ValueError(
+            f"DATASETS.TRAIN mixes WebDataset shards {shards} with other datasets, or uses them "
+            "for a model other than VirTex pretraining: shards hold captioned images and are "
+            "streamed only for MODEL.META_ARCHITECTURE VirTex, on their own (write a json "
+            "dataset's images into shards with datasets/make_shards.py to combine them)"
+        )
     unknown = [n for n in names if n not in DatasetCatalog.list()]
     if unknown:
         raise ValueError(

@@ -136,6 +136,24 @@ class TrainLoaderStateHook(HookBase):
         self.loader.load_state_dict(state)
 
 
+class StreamStateHook(HookBase):
+    """Gather every rank's shard positions where a checkpoint is written (streaming loader).
+
+    Only rank 0 writes checkpoints, but each rank reads its own shards: its position must reach
+    rank 0 before the checkpointer runs. Runs on every rank, before ``PeriodicCheckpointer``,
+    with the same rule for when to write as :class:`RNGStateHook`.
+    """
+
+    def __init__(self, loader: Any, period: int):
+        self.loader, self.period = loader, period
+
+    def after_step(self) -> None:
+        it = self.trainer.iter
+        if (it + 1) % self.period == 0 or it + 1 >= self.trainer.max_iter:
+            state = self.loader.rank_state()
+            self.loader.gathered = comm.all_gather(state) if comm.get_world_size() > 1 else [state]
+
+
 # ------------------------------------------------------------------------------- losses
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; raised before the optimizer step."""

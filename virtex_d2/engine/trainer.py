@@ -10,9 +10,10 @@ TensorBoard writers, ``test``) with the choices that depend on the config:
   passes a GPU index, which fails for CPU modules);
 - failure behaviour (README "Failure behaviour"): a resumable training loader whose batches
   depend only on (seed, iteration) and which skips and counts bad records
-  (``data.resumable``, ``data.train_loader``); a crash-safe checkpointer that refuses pickle and
-  partial loads (``engine.checkpoint``); random state in checkpoints and a non-finite loss guard
-  (``engine.hooks``).
+  (``data.resumable``, ``data.train_loader``), or streaming WebDataset shards for
+  ``webdataset:<pattern>`` training sets (``data.streaming``); a crash-safe checkpointer that
+  refuses pickle and partial loads (``engine.checkpoint``); random state in checkpoints and a
+  non-finite loss guard (``engine.hooks``).
 """
 from __future__ import annotations
 
@@ -35,13 +36,21 @@ from ..classification import (
 )
 from ..data.caption_mapper import CaptionDatasetMapper
 from ..data.detection_mapper import RobustDatasetMapper
+from ..data.shards import is_webdataset_name
+from ..data.streaming import build_streaming_train_loader
 from ..data.train_loader import build_resumable_train_loader
 from ..evaluation.build import build_evaluator
 from ..solver import build_lr_scheduler, build_virtex_optimizer
 from .amp import CPUAMPTrainer, resolve_cpu_amp_dtype
 from .checkpoint import build_checkpointer
 from ..config import add_virtex_config
-from .hooks import RNGRestoreHook, RNGStateHook, TrainLoaderStateHook, install_nonfinite_guard
+from .hooks import (
+    RNGRestoreHook,
+    RNGStateHook,
+    StreamStateHook,
+    TrainLoaderStateHook,
+    install_nonfinite_guard,
+)
 
 
 def is_virtex(cfg) -> bool:
@@ -106,6 +115,8 @@ class Trainer(DefaultTrainer):
         at = next((i for i, h in enumerate(ret) if isinstance(h, later)), len(ret))
         ret.insert(at, rng)
         loader = self._trainer.data_loader
+        if hasattr(loader, "rank_state"):  # shards: every rank's positions go into checkpoints
+            ret.insert(at, StreamStateHook(loader, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         if hasattr(loader, "tracker"):
             ret.append(TrainLoaderStateHook(loader))
         ret.append(RNGRestoreHook(rng))
@@ -154,6 +165,8 @@ class Trainer(DefaultTrainer):
         if is_classifier(cfg):
             return build_classification_train_loader(cfg)
         if is_virtex(cfg):
+            if any(is_webdataset_name(n) for n in cfg.DATASETS.TRAIN):
+                return build_streaming_train_loader(cfg, CaptionDatasetMapper(cfg, True))
             return build_resumable_train_loader(cfg, CaptionDatasetMapper(cfg, True))
         return build_resumable_train_loader(cfg, RobustDatasetMapper(cfg, True))
 
