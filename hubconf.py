@@ -20,31 +20,45 @@ VirTex pretraining checkpoint (``tools/train_net.py`` output), a Detectron2 back
 with ``torch.load(weights_only=True)``. Weights of another architecture than the entry point's
 are refused, naming the one that fits. Without ``weights`` the network is randomly initialised.
 
-Only torch, torchvision and tqdm are needed (not Detectron2): the conversion module is loaded
-from its file, without importing the ``virtex_d2`` package, which registers Detectron2 components.
+Only torch, torchvision and tqdm are needed (not Detectron2): the conversion modules are loaded
+from their files under a private package name, without importing the ``virtex_d2`` package
+(whose ``__init__`` registers Detectron2 components).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import types
 
 import torch
 
 dependencies = ["torch", "torchvision", "tqdm"]
 
-_CONVERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "virtex_d2", "checkpoint",
-                        "convert.py")
+_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "virtex_d2")
+_HUB = "_virtex_d2_hub"  # private package name the modules below are loaded under
+# Modules the conversion needs, in dependency order (their relative imports stay inside).
+_MODULES = ("io", "checkpoint.resnet_layout", "checkpoint.convert", "checkpoint.to_torchvision")
 
 
-def _convert_module():
-    name = "_virtex_d2_hub_convert"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _CONVERT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def _conversion_modules() -> types.SimpleNamespace:
+    if f"{_HUB}.checkpoint.to_torchvision" not in sys.modules:
+        for pkg, path in ((_HUB, _PACKAGE), (f"{_HUB}.checkpoint",
+                                             os.path.join(_PACKAGE, "checkpoint"))):
+            module = types.ModuleType(pkg)
+            module.__path__ = [path]
+            sys.modules[pkg] = module
+        for name in _MODULES:
+            full = f"{_HUB}.{name}"
+            spec = importlib.util.spec_from_file_location(
+                full, os.path.join(_PACKAGE, *name.split(".")) + ".py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[full] = module  # dataclasses resolve their module through sys.modules
+            spec.loader.exec_module(module)
+    return types.SimpleNamespace(
+        convert=sys.modules[f"{_HUB}.checkpoint.convert"],
+        export=sys.modules[f"{_HUB}.checkpoint.to_torchvision"],
+    )
 
 
 def _feature_extractor(arch: str, weights: str | None) -> torch.nn.Module:
@@ -52,14 +66,14 @@ def _feature_extractor(arch: str, weights: str | None) -> torch.nn.Module:
 
     model = getattr(torchvision.models, arch)(weights=None)
     if weights is not None:
-        convert = _convert_module()
-        result = convert.convert_checkpoint(weights, "auto")
-        found = convert.torchvision_arch(result)
+        modules = _conversion_modules()
+        result = modules.convert.convert_checkpoint(weights, "auto")
+        found = modules.export.torchvision_arch(result)
         if found != arch:
             raise ValueError(f"{weights} holds a {found}, not a {arch}: load it with "
                              f"torch.hub.load(..., {found!r}, ...)")
         missing, unexpected = model.load_state_dict(
-            convert.d2_to_torchvision_state(result.d2_state), strict=False
+            modules.export.d2_to_torchvision_state(result.d2_state), strict=False
         )
         if unexpected or sorted(missing) != ["fc.bias", "fc.weight"]:
             raise RuntimeError(f"{weights}: missing {missing}, unexpected {unexpected}")

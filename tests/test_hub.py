@@ -11,11 +11,8 @@ import torchvision
 from helpers import REPO
 from test_convert import FakeVirTex, randomise_norms_
 
-from virtex_d2.checkpoint.convert import (
-    convert_checkpoint,
-    d2_to_torchvision_state,
-    save_d2_checkpoint,
-)
+from virtex_d2.checkpoint.convert import convert_checkpoint, save_d2_checkpoint
+from virtex_d2.checkpoint.to_torchvision import d2_to_torchvision_state
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 

@@ -27,8 +27,10 @@ from virtex_d2.checkpoint.convert import (
     SOURCES,
     IncompleteBackboneError,
     convert_checkpoint,
-    d2_to_torchvision_state,
     save_d2_checkpoint,
+)
+from virtex_d2.checkpoint.to_torchvision import (
+    d2_to_torchvision_state,
     save_torchvision_state,
     torchvision_arch,
 )

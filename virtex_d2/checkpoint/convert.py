@@ -44,6 +44,12 @@ import torch
 from tqdm import tqdm
 
 from ..io import atomic_write
+from .resnet_layout import (
+    NORM_TENSORS,
+    expected_names,
+    infer_structure,
+    shape_of,
+)
 
 __all__ = [
     "SOURCES",
@@ -58,9 +64,6 @@ __all__ = [
     "torchvision_to_d2_name",
     "d2_to_torchvision_name",
     "detect_source",
-    "d2_to_torchvision_state",
-    "torchvision_arch",
-    "save_torchvision_state",
 ]
 
 SOURCES = ("virtex_d2", "virtex", "torchvision")
@@ -79,8 +82,7 @@ _DEPTHS = {
     ("bottleneck", (3, 8, 36, 3)): 152,
 }
 
-_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
-_BN_COUNTER = "num_batches_tracked"
+BN_COUNTER = "num_batches_tracked"
 
 # Detectron2 ResNet names: stem.conv1 / res{2-5}.{block}.{conv1-3,shortcut}, each a conv with
 # its norm under ".norm".
@@ -150,7 +152,7 @@ class ConversionResult:
             f"architecture: ResNet-{self.depth} ({self.block} blocks, "
             f"{self.num_groups}x{self.width_per_group}d, res2 out {self.res2_out_channels})",
             f"converted tensors: {len(self.d2_state)}",
-            f"dropped BN counters ({_BN_COUNTER}): {len(self.dropped_keys)}",
+            f"dropped BN counters ({BN_COUNTER}): {len(self.dropped_keys)}",
             f"unused source keys: {len(self.unused_keys)}",
         ]
         lines += [f"note: {n}" for n in self.notes]
@@ -248,7 +250,7 @@ def torchvision_to_d2_name(name: str) -> Optional[str]:
     tensor = m["tensor"]
     if kind.startswith("conv"):
         return f"{conv}.weight" if tensor == "weight" else None
-    if tensor in _NORM_TENSORS or tensor == _BN_COUNTER:
+    if tensor in NORM_TENSORS or tensor == BN_COUNTER:
         return f"{conv}.norm.{tensor}"
     return None
 
@@ -268,73 +270,6 @@ def d2_to_torchvision_name(name: str) -> str:
     if part == "shortcut":
         return f"{base}.downsample.{1 if is_norm else 0}.{leaf}"
     return f"{base}.{'bn' if is_norm else 'conv'}{part[4:]}.{leaf}"
-
-
-# ----------------------------------------------------------------------------------- structure
-
-
-def _infer_structure(d2_state: Mapping[str, torch.Tensor]) -> Tuple[str, Tuple[int, ...]]:
-    """Block type and number of blocks per stage (highest block index + 1, so a gap inside a
-    stage shows up as missing tensors rather than as a shallower network)."""
-    blocks = {s: -1 for s in range(2, 6)}
-    bottleneck = False
-    for name in d2_state:
-        m = re.match(r"^res([2-5])\.(\d+)\.(\w+)\.", name)
-        if m:
-            stage, idx = int(m[1]), int(m[2])
-            blocks[stage] = max(blocks[stage], idx)
-            bottleneck |= m[3] == "conv3"
-    counts = tuple(blocks[s] + 1 for s in range(2, 6))
-    return ("bottleneck" if bottleneck else "basic"), counts
-
-
-def _expected_names(d2_state: Mapping[str, torch.Tensor], block: str, counts) -> List[str]:
-    """Every tensor name a complete backbone of this shape has (BN counters excluded)."""
-    convs = ["stem.conv1"]
-    n_convs = 3 if block == "bottleneck" else 2
-    for stage, n_blocks in zip(range(2, 6), counts):
-        for b in range(n_blocks):
-            prefix = f"res{stage}.{b}"
-            convs += [f"{prefix}.conv{i}" for i in range(1, n_convs + 1)]
-            if b == 0 and _needs_shortcut(d2_state, stage, n_convs):
-                convs.append(f"{prefix}.shortcut")
-    names = []
-    for conv in convs:
-        names.append(f"{conv}.weight")
-        names += [f"{conv}.norm.{t}" for t in _NORM_TENSORS]
-    return names
-
-
-def _needs_shortcut(d2_state: Mapping[str, torch.Tensor], stage: int, n_convs: int) -> bool:
-    """A projection shortcut exists where the first block downsamples (res3..res5) or changes
-    the channel count (res2 of bottleneck nets: 64 -> 256)."""
-    if stage > 2 or f"res{stage}.0.shortcut.weight" in d2_state:
-        return True
-    first = d2_state.get(f"res{stage}.0.conv1.weight")
-    last = d2_state.get(f"res{stage}.0.conv{n_convs}.weight")
-    if first is None or last is None:
-        return False  # those convs are reported missing anyway
-    return first.shape[1] != last.shape[0]
-
-
-def _shape_of(d2_state: Mapping[str, torch.Tensor], block: str) -> Dict[str, int]:
-    stem_out = d2_state["stem.conv1.weight"].shape[0]
-    if block == "basic":
-        return dict(
-            num_groups=1,
-            width_per_group=64,  # unused by Detectron2's BasicBlock; its default
-            res2_out_channels=d2_state["res2.0.conv2.weight"].shape[0],
-            stem_out_channels=stem_out,
-        )
-    bottleneck = d2_state["res2.0.conv1.weight"].shape[0]
-    # conv2 is grouped: its weight is (C_out, C_in / groups, 3, 3).
-    num_groups = bottleneck // d2_state["res2.0.conv2.weight"].shape[1]
-    return dict(
-        num_groups=num_groups,
-        width_per_group=bottleneck // num_groups,
-        res2_out_channels=d2_state["res2.0.conv3.weight"].shape[0],
-        stem_out_channels=stem_out,
-    )
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -406,7 +341,7 @@ def convert_state_dict(
                 name = torchvision_to_d2_name(inner)
         if name is None:
             unused.append(key)
-        elif name.endswith("." + _BN_COUNTER):
+        elif name.endswith("." + BN_COUNTER):
             dropped.append(key)
         else:
             if name in d2_state:
@@ -425,7 +360,7 @@ def convert_state_dict(
             f"no ResNet tensor found under prefix {prefix!r} for source {source!r} "
             f"({len(state)} keys, e.g. {list(state)[:3]}){hint}"
         )
-    block, counts = _infer_structure(d2_state)
+    block, counts = infer_structure(d2_state)
     depth = _DEPTHS.get((block, counts))
     if depth is None:
         raise IncompleteBackboneError(
@@ -434,7 +369,7 @@ def convert_state_dict(
         )
     if expected_depth is not None and depth != expected_depth:
         raise ValueError(f"expected a ResNet-{expected_depth}, found a ResNet-{depth}")
-    missing = [n for n in _expected_names(d2_state, block, counts) if n not in d2_state]
+    missing = [n for n in expected_names(d2_state, block, counts) if n not in d2_state]
     if missing:
         def _in_source(n: str) -> str:
             return prefix + (n if source == "virtex_d2" else d2_to_torchvision_name(n))
@@ -457,7 +392,7 @@ def convert_state_dict(
         depth=depth,
         block=block,
         notes=notes,
-        **_shape_of(d2_state, block),
+        **shape_of(d2_state, block),
     )
 
 
@@ -483,47 +418,3 @@ def convert_checkpoint(
     return convert_state_dict(
         state, source, prefix=prefix, expected_depth=expected_depth, progress=progress
     )
-
-
-# ------------------------------------------------------------------------ back to torchvision
-
-# (depth, groups, width per group) -> torchvision's builder; basic blocks report width 64.
-_TORCHVISION_ARCHS = {
-    (18, 1, 64): "resnet18", (34, 1, 64): "resnet34", (50, 1, 64): "resnet50",
-    (101, 1, 64): "resnet101", (152, 1, 64): "resnet152", (50, 1, 128): "wide_resnet50_2",
-    (101, 1, 128): "wide_resnet101_2", (50, 32, 4): "resnext50_32x4d",
-    (101, 32, 8): "resnext101_32x8d",
-}
-
-
-def torchvision_arch(result: ConversionResult) -> str:
-    """The ``torchvision.models`` builder whose network these weights fit, e.g. "resnet50"."""
-    key = (result.depth, result.num_groups, result.width_per_group)
-    if key not in _TORCHVISION_ARCHS or result.stem_out_channels != 64:
-        raise ValueError(
-            f"a ResNet-{result.depth} with {result.num_groups}x{result.width_per_group}d blocks "
-            f"and a {result.stem_out_channels}-channel stem has no torchvision counterpart"
-        )
-    return _TORCHVISION_ARCHS[key]
-
-
-def d2_to_torchvision_state(
-    d2_state: Mapping[str, torch.Tensor],
-) -> "OrderedDict[str, torch.Tensor]":
-    """Detectron2 backbone names -> a torchvision ResNet state dict without ``fc``.
-
-    BN ``num_batches_tracked`` counters (not converted to Detectron2) come back as 0, so
-    ``torchvision.models.resnetXX().load_state_dict(sd, strict=False)`` misses only ``fc.*``.
-    """
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    for name, tensor in d2_state.items():
-        out[d2_to_torchvision_name(name)] = tensor.detach().cpu().contiguous()
-        if name.endswith(".norm.running_var"):
-            counter = name[: -len("running_var")] + _BN_COUNTER
-            out[d2_to_torchvision_name(counter)] = torch.tensor(0, dtype=torch.long)
-    return out
-
-
-def save_torchvision_state(state: Mapping[str, torch.Tensor], path: str) -> None:
-    """Write a plain state dict (``torch.load(weights_only=True)`` reads it), atomically."""
-    atomic_write(path, lambda f: torch.save(OrderedDict(state), f))

@@ -1,0 +1,75 @@
+"""The shape of a Detectron2 ResNet read from its tensors (used by :mod:`.convert`): which
+blocks and stages a state dict holds, which tensors a complete backbone of that shape must have,
+and the ``MODEL.RESNETS`` values it needs."""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+
+NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def infer_structure(d2_state: Mapping[str, torch.Tensor]) -> Tuple[str, Tuple[int, ...]]:
+    """Block type and number of blocks per stage (highest block index + 1, so a gap inside a
+    stage shows up as missing tensors rather than as a shallower network)."""
+    blocks = {s: -1 for s in range(2, 6)}
+    bottleneck = False
+    for name in d2_state:
+        m = re.match(r"^res([2-5])\.(\d+)\.(\w+)\.", name)
+        if m:
+            stage, idx = int(m[1]), int(m[2])
+            blocks[stage] = max(blocks[stage], idx)
+            bottleneck |= m[3] == "conv3"
+    counts = tuple(blocks[s] + 1 for s in range(2, 6))
+    return ("bottleneck" if bottleneck else "basic"), counts
+
+
+def expected_names(d2_state: Mapping[str, torch.Tensor], block: str, counts) -> List[str]:
+    """Every tensor name a complete backbone of this shape has (BN counters excluded)."""
+    convs = ["stem.conv1"]
+    n_convs = 3 if block == "bottleneck" else 2
+    for stage, n_blocks in zip(range(2, 6), counts):
+        for b in range(n_blocks):
+            prefix = f"res{stage}.{b}"
+            convs += [f"{prefix}.conv{i}" for i in range(1, n_convs + 1)]
+            if b == 0 and _needs_shortcut(d2_state, stage, n_convs):
+                convs.append(f"{prefix}.shortcut")
+    names = []
+    for conv in convs:
+        names.append(f"{conv}.weight")
+        names += [f"{conv}.norm.{t}" for t in NORM_TENSORS]
+    return names
+
+
+def _needs_shortcut(d2_state: Mapping[str, torch.Tensor], stage: int, n_convs: int) -> bool:
+    """A projection shortcut exists where the first block downsamples (res3..res5) or changes
+    the channel count (res2 of bottleneck nets: 64 -> 256)."""
+    if stage > 2 or f"res{stage}.0.shortcut.weight" in d2_state:
+        return True
+    first = d2_state.get(f"res{stage}.0.conv1.weight")
+    last = d2_state.get(f"res{stage}.0.conv{n_convs}.weight")
+    if first is None or last is None:
+        return False  # those convs are reported missing anyway
+    return first.shape[1] != last.shape[0]
+
+
+def shape_of(d2_state: Mapping[str, torch.Tensor], block: str) -> Dict[str, int]:
+    stem_out = d2_state["stem.conv1.weight"].shape[0]
+    if block == "basic":
+        return dict(
+            num_groups=1,
+            width_per_group=64,  # unused by Detectron2's BasicBlock; its default
+            res2_out_channels=d2_state["res2.0.conv2.weight"].shape[0],
+            stem_out_channels=stem_out,
+        )
+    bottleneck = d2_state["res2.0.conv1.weight"].shape[0]
+    # conv2 is grouped: its weight is (C_out, C_in / groups, 3, 3).
+    num_groups = bottleneck // d2_state["res2.0.conv2.weight"].shape[1]
+    return dict(
+        num_groups=num_groups,
+        width_per_group=bottleneck // num_groups,
+        res2_out_channels=d2_state["res2.0.conv3.weight"].shape[0],
+        stem_out_channels=stem_out,
+    )
