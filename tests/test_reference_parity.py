@@ -234,3 +234,15 @@ def test_import_tool_cli_exit_status(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2 and "missing.pth" in proc.stderr
+
+
+def test_vocabulary_defaults_to_the_one_the_config_names(tmp_path):
+    """DATA.TOKENIZER_MODEL (vocab_200.model), found next to the config, when --vocab is not
+    given; without it the import stops naming the option."""
+    shutil.copy(PARITY / "reference_config.yaml", tmp_path / "config.yaml")
+    ckpt = rebuild_parity_checkpoint(tmp_path / "reference.pth")
+    with pytest.raises(ReferenceImportError, match="--vocab"):
+        import_reference(str(ckpt), str(tmp_path / "config.yaml"), None, str(tmp_path / "a"))
+    shutil.copy(PARITY / "vocab_200.model", tmp_path / "vocab_200.model")
+    result = import_reference(str(ckpt), str(tmp_path / "config.yaml"), None, str(tmp_path / "b"))
+    assert result.vocabulary and os.path.isfile(result.vocabulary)

@@ -36,7 +36,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--checkpoint", required=True, help="reference checkpoint (.pth)")
     parser.add_argument("--config", required=True, help="its config, in the reference's format")
-    parser.add_argument("--vocab", help="its SentencePiece .model (tasks with a textual head)")
+    parser.add_argument("--vocab", help="its SentencePiece .model (tasks with a textual head; "
+                        "default: the config's DATA.TOKENIZER_MODEL, also looked for next to it)")
     parser.add_argument("--output", required=True, help="directory to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

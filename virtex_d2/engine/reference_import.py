@@ -90,10 +90,22 @@ def _set(cfg: CfgNode, key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _vocab_from_config(config: str) -> Optional[str]:
+    """The config's ``DATA.TOKENIZER_MODEL``, as given or relative to the config's folder."""
+    name = read_reference_config(config).get("DATA", {}).get("TOKENIZER_MODEL")
+    if not name:
+        return None
+    for candidate in (name, os.path.join(os.path.dirname(os.path.abspath(config)), name)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def import_reference(checkpoint: str, config: str, vocab: Optional[str], output: str,
                      device: str = "cpu") -> ImportResult:
     """Import a reference checkpoint; see the module docstring. ``vocab`` (the SentencePiece
-    ``.model``) is required for the tasks with a textual head.
+    ``.model``) is needed for the tasks with a textual head; by default the config's
+    ``DATA.TOKENIZER_MODEL``, as given or next to the config.
 
     Raises:
         ReferenceImportError: unknown config keys, values we cannot express, checkpoint keys
@@ -114,8 +126,12 @@ def import_reference(checkpoint: str, config: str, vocab: Optional[str], output:
     output = ensure_dir(os.path.abspath(output))
     vocab_path = None
     if task in (*CAPTIONING_TASKS, "masked_lm"):
+        vocab = vocab or _vocab_from_config(config)
         if not vocab:
-            raise ReferenceImportError(f"a {task} model needs its vocabulary: pass --vocab FILE.model")
+            raise ReferenceImportError(
+                f"a {task} model needs its vocabulary: pass --vocab FILE.model (the config's "
+                "DATA.TOKENIZER_MODEL was not found as given nor next to the config)"
+            )
         vocab_path = os.path.join(output, "vocab.json")
         tokenizer = import_sentencepiece_vocabulary(vocab, vocab_path)
         if len(tokenizer) != cfg.MODEL.VIRTEX.VOCAB_SIZE:
