@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.virtex_d2_installed
 
-.PHONY: install test test-fast demo lint clean-venv
+.PHONY: install test test-fast demo lint format clean-venv
 
 install: $(STAMP)
 
@@ -25,8 +25,16 @@ test: install
 demo: install
 	$(PY) tools/run_demo.py
 
-lint:
-	$(PY) -m pyflakes virtex_d2 tools tests datasets 2>/dev/null || true
+# ruff (pinned in requirements.txt; settings in ruff.toml): lint, then check the formatting.
+LINT_PATHS := virtex_d2 tools tests datasets hubconf.py setup.py
+
+lint: install
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: install
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 clean-venv:
 	rm -rf $(VENV)
