@@ -2,13 +2,15 @@
 import json
 import math
 import os
+import sys
 
 import pytest
 from helpers import REPO
 
-from virtex_d2.demo import plan as P
-from virtex_d2.demo.results import aggregate, final_evaluation, loss_curve
-from virtex_d2.demo.stages import MARKER, STARTED, Runner, StageError, finished, write_json
+sys.path.insert(0, str(REPO / "tools"))  # the demo is a tool (tools/demo), not in the package
+from demo import plan as P  # noqa: E402
+from demo.results import aggregate, final_evaluation, loss_curve  # noqa: E402
+from demo.stages import MARKER, STARTED, Runner, StageError, finished, write_json  # noqa: E402
 
 RESULT_KEYS = {"coco_bbox_AP", "coco_segm_AP", "lvis_AP"}
 
@@ -28,7 +30,7 @@ def tiny_root(tmp_path, monkeypatch):
 
 
 def test_smoke_demo_end_to_end_then_reused(tiny_root, tmp_path, capsys):
-    from virtex_d2.demo.pipeline import main
+    from demo.pipeline import main
 
     out = tmp_path / "demo"
     assert main(["--smoke", "--output", str(out)], repo=str(REPO)) == 0
@@ -172,8 +174,8 @@ def test_metrics_parsing_skips_torn_lines_and_keeps_last_value(tmp_path):
 
 
 def test_ablation_table_means_each_task_over_seeds(tmp_path):
-    from virtex_d2.demo.pipeline import _ablation
-    from virtex_d2.demo.report import ablation_table
+    from demo.pipeline import _ablation
+    from demo.report import ablation_table
 
     sched = P.Schedule(seeds=(1, 2))
     fts = P.finetune_stages(sched, str(tmp_path), ablation=True)

@@ -10,9 +10,10 @@ and of the training signals that show a stalled run.
 Each ``--init NAME=WEIGHTS[:KEY VALUE ...]`` is one initialisation (empty WEIGHTS: random init;
 overrides after ``:``). Runs are ``tools/train_net.py`` subprocesses, ``--jobs`` at a time; a run
 whose ``metrics.json`` already holds a final evaluation is reused. Printed per run: box and mask
-AP, and over the last 20 training iterations the box-classification loss, the foreground
-classification accuracy and the RPN objectness loss: a run that stalls keeps a high
-``loss_cls`` with a foreground accuracy near 0 (it labels everything background).
+AP, and, averaged over the metrics logged in the second half of training (Detectron2 logs every
+20 iterations), the box-classification loss, the foreground classification accuracy and the RPN
+objectness loss: a run that stalls keeps a foreground accuracy of 0 (its box classifier labels
+every foreground proposal background) while the RPN trains normally.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def summarise(out_dir: str) -> Optional[Dict[str, float]]:
     final = next((r for r in reversed(records) if "bbox/AP" in r), None)
     if final is None:
         return None
-    train = [r for r in records if "loss_cls" in r][-20:]
+    logged = [r for r in records if "loss_cls" in r]
+    train = logged[len(logged) // 2:]
     row = {"box AP": final["bbox/AP"], "mask AP": final.get("segm/AP", float("nan"))}
     for key in SIGNALS:
         values = [r[key] for r in train if key in r]

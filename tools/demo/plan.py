@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ..config import CAPTIONING_TASKS, PRETRAINING_TASKS
+from virtex_d2.config import CAPTIONING_TASKS, PRETRAINING_TASKS
 
 PRETRAIN_TASKS = PRETRAINING_TASKS  # bicaptioning (the main comparison) first
 DATASETS = ("coco", "lvis")

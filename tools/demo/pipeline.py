@@ -86,8 +86,8 @@ class Demo:
 
 def _prepare_data() -> str:
     """Generate the synthetic data if absent; pin its root for the subprocesses."""
-    from ..data.datasets.builtin import get_datasets_root, register_all_virtex_datasets
-    from ..data.datasets.synthetic import ensure_synthetic_dataset
+    from virtex_d2.data.datasets.builtin import get_datasets_root, register_all_virtex_datasets
+    from virtex_d2.data.datasets.synthetic import ensure_synthetic_dataset
 
     root = os.path.abspath(get_datasets_root())
     os.environ["DETECTRON2_DATASETS"] = root
@@ -98,7 +98,7 @@ def _prepare_data() -> str:
 
 def _convert(stage: P.TrainStage) -> str:
     """The converted backbone of a pretraining stage (reused while newer than its source)."""
-    from ..checkpoint.convert import convert_checkpoint, save_d2_checkpoint
+    from virtex_d2.checkpoint.convert import convert_checkpoint, save_d2_checkpoint
 
     source = os.path.join(stage.output_dir, "model_final.pth")
     target = os.path.join(stage.output_dir, "backbone_d2.pth")

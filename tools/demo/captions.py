@@ -15,9 +15,9 @@ def caption_report(config: str, opts: Sequence[str], weights: str, count: int = 
     """Loads the captioner once and returns (``count`` images of the validation split with
     their generated caption and a reference one, the grounding numbers on its first
     ``grounding_images`` images; see :mod:`virtex_d2.evaluation.grounding`)."""
-    from ..captioner import build_caption_model, caption_files, load_config
-    from ..data.caption_mapper import build_caption_augmentations
-    from ..evaluation.grounding import grounding_batches, measure_grounding
+    from virtex_d2.captioner import build_caption_model, caption_files, load_config
+    from virtex_d2.data.caption_mapper import build_caption_augmentations
+    from virtex_d2.evaluation.grounding import grounding_batches, measure_grounding
 
     cfg = load_config(config, opts)
     model = build_caption_model(cfg, weights)
