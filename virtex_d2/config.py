@@ -347,7 +347,7 @@ def merge_config_checked(cfg: CN, config_file: str | None, opts: Sequence[str] =
 def check_config(cfg: CN) -> None:
     """Checks that need the whole config; raises :class:`ConfigError` before any work starts."""
     s = cfg.SOLVER
-    if s.MAX_ITER > 0 and s.WARMUP_ITERS >= s.MAX_ITER:
+    if s.MAX_ITER > 0 and s.WARMUP_ITERS >= s.MAX_ITER and s.WARMUP_FACTOR == 0.0:
         raise ConfigError(
             f"SOLVER.WARMUP_ITERS ({s.WARMUP_ITERS}) >= SOLVER.MAX_ITER ({s.MAX_ITER}): the "
             f"learning rate would never leave warm-up (it stays near {s.WARMUP_FACTOR} x "

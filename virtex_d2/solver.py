@@ -110,7 +110,7 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_
     )
 
     s = cfg.SOLVER
-    if s.WARMUP_ITERS >= s.MAX_ITER > 0:
+    if s.WARMUP_ITERS >= s.MAX_ITER > 0 and s.WARMUP_FACTOR == 0.0:
         raise ValueError(
             f"SOLVER.WARMUP_ITERS ({s.WARMUP_ITERS}) >= SOLVER.MAX_ITER ({s.MAX_ITER}): the "
             "learning rate would never leave warm-up (it stays near "
