@@ -2,19 +2,8 @@
 
 Shared by ``tools/caption_images.py`` and ``tools/visualize_attention.py``.
 
-Image loading (:func:`load_image_rgb`), for files of any size and pixel format:
-
-- EXIF orientation is applied first, so a portrait photo stored sideways is captioned upright.
-- Transparency (RGBA, LA, PA, or a palette/greyscale/RGB image with a ``transparency`` entry)
-  is composited on a white background, so transparent pixels do not turn black.
-- 16-bit greyscale (``I;16*``) and 32-bit integer (``I``, how some 16-bit files decode) images
-  are scaled from 0-65535 to 0-255; Pillow's own conversion would clip them to white.
-  Float (``F``) images are min-max scaled. Every other mode goes through ``convert("RGB")``.
-- Multi-frame files (GIF, TIFF) are read at their first frame.
-- Anything raised while opening or decoding a file (corrupt or truncated data, an empty file,
-  a non-image, an image above Pillow's ``MAX_IMAGE_PIXELS`` bomb limit) becomes an
-  :class:`UnreadableImageError` naming the file and the reason; :func:`caption_files` logs one
-  warning line per such file, lists it under ``skipped`` and goes on.
+Images are read by :func:`virtex_d2.data.image_io.load_image_rgb` (its docstring states the
+policy); unreadable files are logged (one warning each) and listed under ``skipped``.
 
 Images then go through the evaluation augmentations of the config (resize the shorter side to
 ``INPUT.VIRTEX.TEST_RESIZE``, centre crop ``TEST_CROP_SIZE``), exactly as in evaluation.
@@ -30,8 +19,6 @@ several sub-word tokens gets the mean of its tokens' maps. Every map is a distri
 from __future__ import annotations
 
 import argparse
-import glob
-import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -43,97 +30,22 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from PIL import Image, ImageOps
 from torch import nn
 from tqdm import tqdm
 
 from .config import CAPTIONING_TASKS, DECODERS
+from .data.image_io import (  # noqa: F401  (re-exported for the tools)
+    IMAGE_EXTENSIONS,
+    UnreadableImageError,
+    list_image_files,
+    load_image_rgb,
+)
 from .data.tokenizer import SOS_ID, SPECIAL_TOKENS, CaptionTokenizer
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
-
-class UnreadableImageError(Exception):
-    """A file that could not be decoded as an image; ``reason`` says why."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
-
-
-# ------------------------------------------------------------------------------------ loading
-def list_image_files(spec: str) -> list[str]:
-    """Files named by ``spec``: a file, a directory (searched recursively for image extensions,
-    case-insensitive) or a glob pattern (``**`` allowed; every matching file is kept, so the
-    user's pattern decides). Sorted; raises ``FileNotFoundError`` when nothing matches."""
-    if os.path.isfile(spec):
-        return [spec]
-    if os.path.isdir(spec):
-        files = [
-            os.path.join(root, name)
-            for root, _, names in os.walk(spec)
-            for name in names
-            if name.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-        if not files:
-            raise FileNotFoundError(
-                f"directory {spec} has no files ending in {'/'.join(IMAGE_EXTENSIONS)} (searched "
-                "recursively, any case); pass a glob such as 'DIR/**/*.ext' for other names"
-            )
-        return sorted(files)
-    files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-    if not files:
-        raise FileNotFoundError(
-            f"input {spec!r} is not a file or directory and matches no files as a glob pattern"
-        )
-    return files
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB (see the module docstring for the policy)."""
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode.startswith("I;16") or image.mode == "I":
-        wide = np.asarray(image).astype(np.float64)
-        grey = np.clip(wide, 0, 65535) * (255.0 / 65535.0)
-        return Image.fromarray(grey.round().astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        flt = np.asarray(image, dtype=np.float64)
-        lo, hi = float(np.nanmin(flt)), float(np.nanmax(flt))
-        grey = (flt - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(flt)
-        return Image.fromarray(np.nan_to_num(grey).round().astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_image_rgb(path: str, data: bytes | None = None) -> np.ndarray:
-    """Decode ``path`` -> (H, W, 3) uint8 RGB, upright per EXIF. Raises UnreadableImageError.
-
-    With ``data`` (the encoded file, e.g. read from a WebDataset shard), those bytes are decoded
-    and ``path`` only names the image in error messages.
-    """
-    try:
-        if (len(data) if data is not None else os.path.getsize(path)) == 0:
-            raise UnreadableImageError(path, "empty file (0 bytes)")
-        with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            image.load()  # Image.open is lazy: truncated data only fails here
-            try:
-                image = ImageOps.exif_transpose(image)
-            except Exception as e:  # a damaged EXIF block should not cost the whole image
-                logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, e)
-            return np.asarray(_to_rgb(image))
-    except UnreadableImageError:
-        raise
-    # Decoders of the many formats raise many types (OSError, SyntaxError, ValueError,
-    # struct.error, DecompressionBombError, ...); all mean "this file is not usable".
-    except Exception as e:
-        raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
-
-
+# ---------------------------------------------------------------------------------- inputs
 def eval_image_tensor(image: np.ndarray, augmentations: Sequence[T.Augmentation]) -> torch.Tensor:
     """(H, W, 3) uint8 -> the model's (3, S, S) uint8 input after the eval augmentations."""
     aug_input = T.AugInput(image)

@@ -18,7 +18,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from PIL import Image
 
-from ..captioner import load_image_rgb
+from .image_io import load_image_rgb
 
 
 def read_image_checked(file_name: str, image_format: str, data: bytes | None = None) -> np.ndarray:
