@@ -26,9 +26,9 @@ def write_captions_json(path: Path, captions: list[str]) -> Path:
 
 
 def make_tokenizer(tmp_path: Path, vocab_size: int = 64):
-    from virtex_d2.data.tokenizer import train_vocabulary
-
     import random
+
+    from virtex_d2.data.tokenizer import train_vocabulary
 
     rng = random.Random(0)
     captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(400)]
@@ -79,3 +79,17 @@ def tiny_textual_head_opts(synthetic: dict) -> list:
         "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
         "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", "128",
     ]
+
+
+def load_tool(name: str):
+    """A script of ``tools/`` (or ``tools/benchmarks/``) imported as a module, by file name."""
+    import importlib.util
+
+    for folder in (REPO / "tools", REPO / "tools" / "benchmarks"):
+        path = folder / f"{name}.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    raise FileNotFoundError(f"no tools/{name}.py or tools/benchmarks/{name}.py")

@@ -6,9 +6,8 @@ package's evaluator.
 """
 from __future__ import annotations
 
-import copy
 import contextlib
-import importlib.util
+import copy
 import io
 import json
 import math
@@ -22,6 +21,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_lvis_instances
 from detectron2.structures import Boxes, BoxMode, Instances
+from helpers import load_tool
 
 from virtex_d2.evaluation import FastCOCOEvaluator, FastLVISEvaluator
 from virtex_d2.evaluation.fast_cocoeval import (
@@ -551,19 +551,12 @@ def test_two_processes_match_one(coco_gt, tmp_path):
 # --- the benchmark tools ----------------------------------------------------------------------
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_lvis_results_mode(tmp_path, capsys):
     register_hand_lvis("fast_eval_bench_lvis", tmp_path)
     results_path = tmp_path / "results.json"
     results_path.write_text(json.dumps(hand_lvis_results(with_masks=True)))
     out = tmp_path / "bench.json"
-    tool = _load_tool("benchmark_lvis")
+    tool = load_tool("benchmark_lvis")
     tool.main(["--results", str(results_path), "--dataset", "fast_eval_bench_lvis",
                "--json", str(out)])
     report = json.loads(out.read_text())
@@ -575,7 +568,7 @@ def test_benchmark_lvis_results_mode(tmp_path, capsys):
 
 
 def test_benchmark_eval_small_run(tmp_path):
-    tool = _load_tool("benchmark_eval")
+    tool = load_tool("benchmark_eval")
     out = tmp_path / "bench.json"
     assert tool.main(["--num-images", "12", "--objects", "5", "12", "--false-positives", "4",
                       "10", "--repeat", "1", "--json", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""The evaluation benchmarks' LVIS-scale mode (tools/benchmark_lvis.py --lvis-scale).
+"""The evaluation benchmarks' LVIS-scale mode (tools/benchmarks/benchmark_lvis.py --lvis-scale).
 
 Kept apart from test_coco_lvis_eval.py (whose helpers it uses) to keep that module's size down.
 """
@@ -9,10 +9,10 @@ import os
 import subprocess
 import sys
 
+from helpers import load_tool
 from test_coco_lvis_eval import (
     REPO,
     _assert_metrics_equal,
-    _load_tool,
     official_lvis_metrics,
 )
 
@@ -24,7 +24,7 @@ def test_benchmark_lvis_scale_mode_small(tmp_path):
     synthetic set is LVIS-shaped, evaluated, and the report carries time and peak RSS."""
     out = tmp_path / "scale.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark_lvis.py"), "--lvis-scale",
+        [sys.executable, str(REPO / "tools" / "benchmarks" / "benchmark_lvis.py"), "--lvis-scale",
          "--num-images", "40", "--dets-per-image", "30", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -40,7 +40,7 @@ def test_benchmark_lvis_scale_mode_small(tmp_path):
 
 def test_lvis_scale_set_matches_official_lvis_eval(tmp_path, monkeypatch):
     """The LVIS-scale generator's data is valid LVIS: the official evaluator agrees with ours."""
-    tool = _load_tool("benchmark_lvis")
+    tool = load_tool("benchmark_lvis")
     gt, results = tool.make_lvis_scale(num_images=30, dets_per_image=40, seed=1)
     ref = official_lvis_metrics(gt, results, "bbox", tmp_path, monkeypatch)
     ours = evaluate_coco_json(gt, results, "bbox", lvis=True)

@@ -1,7 +1,6 @@
 """Transfer end to end: VirTex checkpoint -> conversion -> Mask R-CNN fine-tuning -> COCO/LVIS AP."""
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.modeling import build_model
-from helpers import COCO_TINY, REPO
+from helpers import COCO_TINY, REPO, load_tool
 
 import virtex_d2
 from virtex_d2.checkpoint.convert import convert_checkpoint, save_d2_checkpoint
@@ -80,8 +79,7 @@ def test_converted_virtex_backbone_finetunes_and_evaluates(virtex_weights, tmp_p
         assert (tmp_path / "inference" / "synthetic_lvis_val" / "lvis_instances_results.json").exists()
     # The LVIS benchmark runs the same evaluation from a checkpoint.
     if "lvis" in config:
-        sys.path.insert(0, str(REPO / "tools"))
-        import benchmark_lvis
+        benchmark_lvis = load_tool("benchmark_lvis")
 
         trainer.checkpointer.save("model_final")
         out = benchmark_lvis.main(["--config-file", str(REPO / "configs" / config),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of issue #14, in one command (about 3-5 minutes on one H100/H200):
-#   1. tools/benchmark_pretrain.py: VirTex R-50 L1_H1024 step vs its CNN-only bound (fp16 AMP,
+#   1. tools/benchmarks/benchmark_pretrain.py: VirTex R-50 L1_H1024 step vs its CNN-only bound (fp16 AMP,
 #      as the paper's config), and fp32 vs fp16-AMP steps alternating in one process;
-#   2. tools/benchmark_decoding.py: cached vs uncached beam search;
+#   2. tools/benchmarks/benchmark_decoding.py: cached vs uncached beam search;
 #   3. 50 iterations of Mask R-CNN R-50-FPN fine-tuning with the COCO config
 #      (configs/detection/coco_mask_rcnn_R_50_FPN_2x_random.yaml) on the synthetic COCO set
 #      (tools/train_net.py with overrides; no evaluation, no precise BN);
@@ -60,11 +60,11 @@ else
 fi
 
 echo "== 1/3 pretraining step: VirTex vs CNN bound, fp32 vs mixed precision ($DEVICE)"
-"$PYTHON" tools/benchmark_pretrain.py --device "$DEVICE" --json "$WORK/pretrain.json" \
+"$PYTHON" tools/benchmarks/benchmark_pretrain.py --device "$DEVICE" --json "$WORK/pretrain.json" \
     "${PRETRAIN[@]}"
 
 echo "== 2/3 beam search: cached vs uncached ($DEVICE)"
-"$PYTHON" tools/benchmark_decoding.py --device "$DEVICE" --json "$WORK/decoding.json" \
+"$PYTHON" tools/benchmarks/benchmark_decoding.py --device "$DEVICE" --json "$WORK/decoding.json" \
     "${DECODING[@]}"
 
 echo "== 3/3 Mask R-CNN R-50-FPN fine-tuning, COCO config, synthetic COCO ($DEVICE)"

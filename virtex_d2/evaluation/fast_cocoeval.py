@@ -3,7 +3,7 @@
 This is the model-free half of :mod:`virtex_d2.evaluation.coco_lvis`: it takes ground truth and
 detections in COCO results format and returns Detectron2-style metric dicts. The matching,
 accumulation and LVIS bookkeeping run in hotcoco (Rust, pycocotools-compatible, with an LVIS
-mode), the fastest of the exact evaluators measured by ``tools/benchmark_eval.py``.
+mode), the fastest of the exact evaluators measured by ``tools/benchmarks/benchmark_eval.py``.
 
 Formats:
     ground truth: a COCO / LVIS annotation file (path), the same as a dict, or an already
@@ -26,7 +26,7 @@ All of it is checked against the official evaluator in tests/test_coco_lvis_eval
 
 faster-coco-eval, which did this before, is no longer used here: hotcoco covers every piece
 (COCO and LVIS matching, the per-image LVIS cap, mask areas), so it stays only as the middle
-column of ``tools/benchmark_eval.py``.
+column of ``tools/benchmarks/benchmark_eval.py``.
 """
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ e.g. the ``lvis_instances_results.json`` an evaluator wrote). Prints the AP tabl
 images/s (model time, data loading included) and evaluation seconds (loading the annotations
 included), and writes them to ``--json``.
 
-    python tools/benchmark_lvis.py --config-file F --weights W [--dataset lvis_v1_val]
+    python tools/benchmarks/benchmark_lvis.py --config-file F --weights W [--dataset lvis_v1_val]
                                    [--json OUT] [--output-dir DIR] [KEY VALUE ...]
-    python tools/benchmark_lvis.py --results RES.json [--dataset NAME] [--json OUT]
-    python tools/benchmark_lvis.py --lvis-scale [--num-images 20000] [--dets-per-image 300]
+    python tools/benchmarks/benchmark_lvis.py --results RES.json [--dataset NAME] [--json OUT]
+    python tools/benchmarks/benchmark_lvis.py --lvis-scale [--num-images 20000] [--dets-per-image 300]
 
 ``--lvis-scale`` measures the evaluator alone at LVIS v1 val's size: a synthetic LVIS-format
 set (1,203 categories with LVIS v1's rare / common / frequent counts, ~12 objects, 8 verified

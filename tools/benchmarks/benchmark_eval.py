@@ -12,7 +12,7 @@ Prints AP/AP50/AP75/APs/APm/APl of the three side by side, exits with 1 if faste
 ours differs from pycocotools by more than 1e-4 (in percent), and ends with the speed ratios
 ``pycocotools / ours`` and ``faster-coco-eval / ours`` per IoU type.
 
-    python tools/benchmark_eval.py [--gt GT.json --results RES.json] [--iou-type bbox|segm]
+    python tools/benchmarks/benchmark_eval.py [--gt GT.json --results RES.json] [--iou-type bbox|segm]
         [--json OUT] [--num-images 5000] [--objects 2 6] [--false-positives 1 4] [--seed 0]
         [--repeat 3]
 

@@ -15,7 +15,7 @@ own. On a CPU without native bf16 (see virtex_d2.engine.amp) (d) still runs, emu
 says so. ``--smoke``: a seconds-long run of every path (batch 2, 2 iterations, 64 px crops,
 no loader), to check the script works, not to measure.
 
-    python tools/benchmark_pretrain.py --config-file configs/pretrain/bicaptioning_R_50_L1_H1024.yaml \
+    python tools/benchmarks/benchmark_pretrain.py --config-file configs/pretrain/bicaptioning_R_50_L1_H1024.yaml \
         [--batch-size 16] [--iters 5] [--caption-length 15] [--json OUT] [KEY VALUE ...]
 
 Inputs for (a)/(b) are random 224 crops (the config's CROP_SIZE) and random captions of

@@ -5,7 +5,7 @@ Default setting (issue #4): R-50 with the L1_H1024 head, 10K vocabulary, batch 8
 30 decoding steps, untrained weights. The ResNet forward is timed separately, since both paths
 share it.
 
-    python tools/benchmark_decoding.py [--batch-size 8] [--beam-size 5] [--max-length 30]
+    python tools/benchmarks/benchmark_decoding.py [--batch-size 8] [--beam-size 5] [--max-length 30]
         [--hidden 1024] [--layers 1] [--depth 50] [--repeats 2] [--device cpu] [--json OUT]
         [--smoke]
 
