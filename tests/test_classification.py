@@ -21,18 +21,18 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 import virtex_d2
-import virtex_d2.classification.features as features_mod
+import virtex_d2.engine.features as features_mod
 from virtex_d2.checkpoint.convert import (
     IncompleteBackboneError,
     convert_checkpoint,
     save_d2_checkpoint,
 )
-from virtex_d2.classification import (
+from virtex_d2.data.classification_mapper import (
     ClassificationDatasetMapper,
-    ImageClassifier,
-    build_classification_optimizer,
     build_classification_test_loader,
     build_classification_train_loader,
+)
+from virtex_d2.data.datasets import (
     load_coco_instances_classification,
     load_image_folder,
     load_multilabel_targets,
@@ -40,9 +40,11 @@ from virtex_d2.classification import (
     register_image_folder,
     register_inat_json,
 )
-from virtex_d2.classification.features import load_backbone_weights
-from virtex_d2.classification.svm import SVMSettings, run_svm_protocol
+from virtex_d2.engine.features import load_backbone_weights
 from virtex_d2.evaluation.classification import RESULTS_FILE_NAME, ClassificationEvaluator
+from virtex_d2.evaluation.voc07_svm import SVMSettings, run_svm_protocol
+from virtex_d2.modeling.classifier import ImageClassifier
+from virtex_d2.solver import build_classification_optimizer
 
 CLS_CONFIGS = sorted((REPO / "configs" / "classification").glob("*.yaml"))
 SYN_CONFIGS = [
@@ -264,11 +266,11 @@ def test_inat_json_labels_index_sorted_category_ids(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": images, "annotations": anns[:2], "categories": cats}))
     with pytest.raises(ValueError, match="image 2 .*no annotation"):
-        virtex_d2.classification.load_inat_json(str(bad), str(tmp_path))
+        virtex_d2.data.datasets.load_inat_json(str(bad), str(tmp_path))
     two = anns + [{"id": 99, "image_id": 0, "category_id": 2}]
     bad.write_text(json.dumps({"images": images, "annotations": two, "categories": cats}))
     with pytest.raises(ValueError, match="two categories"):
-        virtex_d2.classification.load_inat_json(str(bad), str(tmp_path))
+        virtex_d2.data.datasets.load_inat_json(str(bad), str(tmp_path))
 
 
 def test_coco_instances_label_is_the_largest_object(tmp_path):

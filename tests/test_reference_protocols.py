@@ -11,11 +11,11 @@ from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
+from helpers import REPO
 from torch import nn
 
 import virtex_d2
-from helpers import REPO
-from virtex_d2.classification.mapper import (
+from virtex_d2.data.classification_mapper import (
     build_classification_augmentations,
     build_eval_augmentations,
 )

@@ -16,7 +16,7 @@ auto``, the default): a converted backbone from tools/convert_to_d2.py, a raw ch
 project's models (ResNet under ``backbone.``, e.g. a VirTex pretraining run), a reference-code
 checkpoint or a torchvision ResNet; ``--weights-source d2|virtex_d2|virtex|torchvision`` insists
 on one. Pooled features are cached (see
-virtex_d2/classification/features.py), so re-running with other ``--costs`` does not re-extract.
+virtex_d2/engine/features.py), so re-running with other ``--costs`` does not re-extract.
 """
 import argparse
 import json
@@ -30,15 +30,15 @@ import torch
 from detectron2.utils.logger import setup_logger
 
 from virtex_d2.config import setup_cfg
-from virtex_d2.classification.datasets import load_multilabel_targets
-from virtex_d2.classification.features import (
+from virtex_d2.data.datasets.classification import load_multilabel_targets
+from virtex_d2.engine.features import (
     WEIGHT_SOURCES,
     checkpoint_fingerprint,
     get_features,
     load_backbone_weights,
 )
-from virtex_d2.classification.meta_arch import ImageClassifier
-from virtex_d2.classification.svm import run_svm_protocol, svm_settings_from_cfg
+from virtex_d2.evaluation.voc07_svm import run_svm_protocol, svm_settings_from_cfg
+from virtex_d2.modeling.classifier import ImageClassifier
 
 logger = logging.getLogger("virtex_d2.voc07_svm")
 

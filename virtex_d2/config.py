@@ -193,7 +193,7 @@ def _add_classification_keys(cfg: CN) -> None:
         return
     _C = cfg
 
-    # ImageClassifier (virtex_d2.classification.meta_arch): a Detectron2 ResNet ``backbone``,
+    # ImageClassifier (virtex_d2.modeling.classifier): a Detectron2 ResNet ``backbone``,
     # global average pooling of one feature map, one linear layer.
     _C.MODEL.CLASSIFIER = CN()
     # Output classes; must equal the number of classes of the training dataset (checked when

@@ -1,5 +1,6 @@
-"""Pretraining optimiser: SGD with two learning rates, selective weight decay, global
-gradient-norm clipping and Lookahead, as one ``torch.optim.Optimizer``.
+"""Optimisers and schedules. Pretraining: SGD with two learning rates, selective weight decay,
+global gradient-norm clipping and Lookahead, as one ``torch.optim.Optimizer``. Classification:
+Detectron2's SGD over the trainable parameters, checked against the linear-probe setting.
 
 Keeping Lookahead's slow weights and step counter inside the optimiser's own ``state`` and
 ``param_groups`` means Detectron2's checkpointer saves and restores them with no extra code, and
@@ -7,10 +8,15 @@ Keeping Lookahead's slow weights and step counter inside the optimiser's own ``s
 """
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
+from detectron2.solver import build_optimizer
+from detectron2.utils import comm
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 class LookaheadSGD(torch.optim.SGD):
@@ -24,7 +30,9 @@ class LookaheadSGD(torch.optim.SGD):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          nesterov=nesterov, foreach=foreach)
         if lookahead_steps < 0 or not 0.0 < lookahead_alpha <= 1.0:
-            raise ValueError(f"bad Lookahead settings: alpha={lookahead_alpha}, k={lookahead_steps}")
+            raise ValueError(
+                f"bad Lookahead settings: alpha={lookahead_alpha}, k={lookahead_steps}"
+            )
         self.clip_grad_norm = clip_grad_norm
         self.lookahead_alpha = lookahead_alpha
         self.lookahead_steps = lookahead_steps
@@ -92,7 +100,28 @@ def build_virtex_optimizer(cfg, model: nn.Module) -> LookaheadSGD:
     )
 
 
-def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler._LRScheduler:
+def build_classification_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """Detectron2's SGD (``SOLVER.*``) over the trainable parameters.
+
+    Detectron2 skips parameters with ``requires_grad=False``, so a linear probe optimises the
+    classifier only; this checks that, rather than trusting it silently.
+    """
+    params = dict(model.named_parameters())
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameter")
+    if cfg.MODEL.CLASSIFIER.FREEZE_BACKBONE:
+        leaked = [n for n in trainable if ".backbone." in f".{n}"]
+        if leaked:
+            raise RuntimeError(f"linear probe, but backbone parameters are trainable: {leaked[:3]}")
+    if comm.is_main_process():
+        logger.info(f"Optimising {len(trainable)} of {len(params)} parameter tensors")
+    return build_optimizer(cfg, model)
+
+
+def build_lr_scheduler(
+    cfg, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler._LRScheduler:
     """Detectron2's scheduler, except ``WarmupCosineLR`` with ``SOLVER.VIRTEX.COSINE_AFTER_WARMUP``:
     linear (or constant) warm-up to 1 over ``WARMUP_ITERS``, then a cosine from 1 to 0 over the
     remaining iterations, as the reference implementation schedules pretraining.

@@ -1,13 +1,14 @@
 """Build the resumable training loader from a config: load, clean and check the records first.
 
-Used by ``engine.Trainer`` for pretraining (caption mapper) and fine-tuning (detection mapper);
+Used by ``engine.Trainer`` for pretraining (caption mapper), detection fine-tuning (Detectron2's
+``DatasetMapper``) and classification (``classification_mapper``);
 everything that can be found out before the first iteration is checked here, in the main process,
 so that a broken annotation file stops the run with a message instead of a worker traceback.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.samplers import RepeatFactorTrainingSampler
@@ -96,9 +97,19 @@ def drop_unlabelled_for_multilabel(cfg, records: list[dict]) -> list[dict]:
     return kept
 
 
-def build_resumable_train_loader(cfg, mapper: Callable[[dict], Any]) -> ResumableTrainLoader:
-    """The training loader of ``cfg`` with ``mapper``, after cleaning and checking the records."""
+def build_resumable_train_loader(
+    cfg,
+    mapper: Callable[[dict], Any],
+    check_records: Optional[Callable[[Any, list[dict]], None]] = None,
+) -> ResumableTrainLoader:
+    """The training loader of ``cfg`` with ``mapper``, after cleaning and checking the records.
+
+    ``check_records(cfg, records)``: a task's own checks of the loaded records (it raises to stop
+    the run), made here so that they fail before the first iteration rather than in a worker.
+    """
     records = load_training_records(cfg)
+    if check_records is not None:
+        check_records(cfg, records)
     dataset_size = len(records)
     fraction = cfg.DATALOADER.VIRTEX_MAX_BAD_FRACTION
     records, _ = clean_instance_annotations(

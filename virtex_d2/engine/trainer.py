@@ -1,49 +1,54 @@
-"""One Trainer for pretraining and downstream fine-tuning.
+"""One Trainer for pretraining, detection fine-tuning and classification transfer.
 
 It is Detectron2's ``DefaultTrainer`` (hooks, checkpointer, metric printer with ETA, JSON and
 TensorBoard writers, ``test``) with the choices that depend on the config:
-- data loader: ``CaptionDatasetMapper`` for the VirTex meta-architecture, Detectron2's
-  default ``DatasetMapper`` otherwise;
-- optimiser: ``LookaheadSGD`` with two learning rates for VirTex, Detectron2's otherwise;
-- evaluator: chosen by the dataset's ``evaluator_type`` (``evaluation.build``);
+- per meta-architecture, one row of :data:`TASKS` (:class:`TaskSpec`): training and test
+  mappers, test loader, optimiser, record checks and evaluator. VirTex: ``CaptionDatasetMapper``
+  and ``LookaheadSGD`` with two learning rates; ImageClassifier: ``ClassificationDatasetMapper``
+  with batched evaluation; anything else (GeneralizedRCNN, ...): Detectron2's ``DatasetMapper``
+  and optimiser. Evaluators are chosen by the dataset's ``evaluator_type``
+  (``evaluation.build``);
 - CPU data parallelism: ``DistributedDataParallel`` without ``device_ids`` (Detectron2 always
   passes a GPU index, which fails for CPU modules);
-- failure behaviour (README "Failure behaviour"): a resumable training loader whose batches
-  depend only on (seed, iteration) and which skips and counts bad records
+- failure behaviour (README "Failure behaviour"): for every task, a resumable training loader
+  whose batches depend only on (seed, iteration) and which skips and counts bad records
   (``data.resumable``, ``data.train_loader``), or streaming WebDataset shards for
-  ``webdataset:<pattern>`` training sets (``data.streaming``); a crash-safe checkpointer that
-  refuses pickle and partial loads (``engine.checkpoint``); random state in checkpoints and a
-  non-finite loss guard (``engine.hooks``).
+  ``webdataset:<pattern>`` training sets of VirTex (``data.streaming``); a crash-safe
+  checkpointer that refuses pickle and partial loads (``engine.checkpoint``); random state in
+  checkpoints and a non-finite loss guard (``engine.hooks``).
 """
 from __future__ import annotations
 
 import logging
 import weakref
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader
+from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.solver import build_optimizer
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch import nn
 
-from ..classification import (
-    build_classification_optimizer,
-    build_classification_test_loader,
-    build_classification_train_loader,
-)
+from ..config import add_virtex_config
 from ..data.caption_mapper import CaptionDatasetMapper
-from ..data.detection_mapper import RobustDatasetMapper
+from ..data.classification_mapper import (
+    ClassificationDatasetMapper,
+    build_classification_test_loader,
+    check_classification_records,
+)
 from ..data.shards import is_webdataset_name
 from ..data.streaming import build_streaming_train_loader
 from ..data.train_loader import build_resumable_train_loader
 from ..evaluation.build import build_evaluator
-from ..solver import build_lr_scheduler, build_virtex_optimizer
+from ..solver import build_classification_optimizer, build_lr_scheduler, build_virtex_optimizer
 from .amp import CPUAMPTrainer, resolve_cpu_amp_dtype
 from .checkpoint import build_checkpointer
-from ..config import add_virtex_config
 from .hooks import (
     RNGRestoreHook,
     RNGStateHook,
@@ -52,13 +57,57 @@ from .hooks import (
     install_nonfinite_guard,
 )
 
-
-def is_virtex(cfg) -> bool:
-    return cfg.MODEL.META_ARCHITECTURE == "VirTex"
+Mapper = Callable[[dict], Any]
 
 
-def is_classifier(cfg) -> bool:
-    return cfg.MODEL.META_ARCHITECTURE == "ImageClassifier"
+def _detection_test_loader(cfg: CfgNode, dataset_name: str, mapper: Mapper) -> Iterable:
+    return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What one meta-architecture trains and evaluates with.
+
+    Mappers are built as ``mapper(cfg, is_train)`` (Detectron2's ``configurable`` convention);
+    ``test_loader(cfg, dataset_name, mapper)``; ``check_records(cfg, records)`` runs on the
+    loaded training records before the first iteration and raises to stop the run;
+    ``streams_shards``: ``webdataset:`` training sets are streamed instead of loaded.
+    """
+
+    train_mapper: Callable[[CfgNode, bool], Mapper]
+    test_mapper: Callable[[CfgNode, bool], Mapper]
+    optimizer: Callable[[CfgNode, nn.Module], torch.optim.Optimizer]
+    test_loader: Callable[[CfgNode, str, Mapper], Iterable] = _detection_test_loader
+    evaluator: Callable[[CfgNode, str, Optional[str]], DatasetEvaluator] = build_evaluator
+    check_records: Optional[Callable[[CfgNode, list], None]] = None
+    streams_shards: bool = False
+
+
+# Keyed by MODEL.META_ARCHITECTURE; any other architecture gets DEFAULT_TASK.
+TASKS: Dict[str, TaskSpec] = {
+    "VirTex": TaskSpec(
+        train_mapper=CaptionDatasetMapper,
+        test_mapper=CaptionDatasetMapper,
+        optimizer=build_virtex_optimizer,
+        streams_shards=True,
+    ),
+    "ImageClassifier": TaskSpec(
+        train_mapper=ClassificationDatasetMapper,
+        test_mapper=ClassificationDatasetMapper,
+        optimizer=build_classification_optimizer,
+        # Equal-sized crops batch without padding; Detectron2 v0.6 tests one image at a time.
+        test_loader=build_classification_test_loader,
+        check_records=check_classification_records,
+    ),
+}
+DEFAULT_TASK = TaskSpec(
+    train_mapper=DatasetMapper, test_mapper=DatasetMapper, optimizer=build_optimizer
+)
+
+
+def task_spec(cfg: CfgNode) -> TaskSpec:
+    """The :data:`TASKS` row of ``cfg``'s meta-architecture (:data:`DEFAULT_TASK` if none)."""
+    return TASKS.get(cfg.MODEL.META_ARCHITECTURE, DEFAULT_TASK)
 
 
 def with_engine_config(cfg):
@@ -149,11 +198,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        if is_classifier(cfg):
-            return build_classification_optimizer(cfg, model)
-        if is_virtex(cfg):
-            return build_virtex_optimizer(cfg, model)
-        return super().build_optimizer(cfg, model)
+        return task_spec(cfg).optimizer(cfg, model)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
@@ -162,29 +207,20 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         cfg = with_engine_config(cfg)
-        if is_classifier(cfg):
-            return build_classification_train_loader(cfg)
-        if is_virtex(cfg):
-            if any(is_webdataset_name(n) for n in cfg.DATASETS.TRAIN):
-                return build_streaming_train_loader(cfg, CaptionDatasetMapper(cfg, True))
-            return build_resumable_train_loader(cfg, CaptionDatasetMapper(cfg, True))
-        return build_resumable_train_loader(cfg, RobustDatasetMapper(cfg, True))
+        spec = task_spec(cfg)
+        mapper = spec.train_mapper(cfg, True)
+        if spec.streams_shards and any(is_webdataset_name(n) for n in cfg.DATASETS.TRAIN):
+            return build_streaming_train_loader(cfg, mapper)
+        return build_resumable_train_loader(cfg, mapper, check_records=spec.check_records)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        if is_classifier(cfg):
-            return build_classification_test_loader(cfg, dataset_name)
-        if is_virtex(cfg):
-            return build_detection_test_loader(
-                cfg, dataset_name, mapper=CaptionDatasetMapper(cfg, False)
-            )
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=RobustDatasetMapper(cfg, False)
-        )
+        spec = task_spec(cfg)
+        return spec.test_loader(cfg, dataset_name, spec.test_mapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_evaluator(cfg, dataset_name, output_folder)
+        return task_spec(cfg).evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

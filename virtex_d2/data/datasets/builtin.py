@@ -18,15 +18,24 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 from detectron2.data.datasets.lvis import load_lvis_json
 
+from .classification import (
+    load_coco_instances_classification,
+    load_image_folder,
+    load_inat_json,
+)
 from .coco_captions import load_coco_captions_json
 from .synthetic import COCO_CATEGORIES, LVIS_CATEGORY_NAMES, ensure_synthetic_dataset
 
 __all__ = [
     "SYNTHETIC_DATASETS",
     "COCO_CAPTIONS_DATASETS",
+    "CLASSIFICATION_DATASETS",
     "get_datasets_root",
     "register_synthetic_datasets",
     "register_coco_captions_datasets",
+    "register_image_folder",
+    "register_inat_json",
+    "register_classification_datasets",
     "register_all_virtex_datasets",
 ]
 
@@ -35,6 +44,9 @@ SYNTHETIC_DATASETS: List[str] = [
     f"synthetic_{kind}_{split}" for kind in ("captions", "coco", "lvis") for split in _SPLITS
 ]
 COCO_CAPTIONS_DATASETS: List[str] = [f"coco_captions_2017_{split}" for split in _SPLITS]
+CLASSIFICATION_DATASETS: List[str] = [
+    f"{base}_{split}" for base in ("imagenet", "inat2018", "synthetic_cls") for split in _SPLITS
+]
 
 
 def get_datasets_root() -> str:
@@ -175,12 +187,69 @@ def register_coco_captions_datasets(root: str) -> None:
         )
 
 
+def register_image_folder(name: str, image_root: str, class_root: Optional[str] = None) -> None:
+    """Register an ``<image_root>/<class>/<image>`` tree as a classification dataset."""
+    _register(
+        name,
+        functools.partial(load_image_folder, image_root, class_root, name),
+        image_root=image_root,
+        evaluator_type="classification",
+    )
+
+
+def register_inat_json(name: str, json_file: str, image_root: str) -> None:
+    """Register an iNaturalist-2018-style json as a classification dataset."""
+    _register(
+        name,
+        functools.partial(load_inat_json, json_file, image_root, name),
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="classification",
+    )
+
+
+def _load_synthetic_cls(base: str, split: str, name: str) -> List[Dict[str, Any]]:
+    ensure_synthetic_dataset(base)
+    json_file = os.path.join(base, "annotations", f"instances_{split}.json")
+    return load_coco_instances_classification(json_file, os.path.join(base, split), name)
+
+
+def register_classification_datasets(root: Optional[str] = None) -> None:
+    """(Re-)register ``imagenet_*``, ``inat2018_*`` and ``synthetic_cls_*`` under ``root``
+    (default: :func:`get_datasets_root`). Reads no file.
+
+    ImageNet is ``imagenet/{train,val}/<wnid>/*.JPEG`` with the classes of ``imagenet/train``;
+    iNaturalist is ``inat2018/{train,val}2018.json`` with image paths relative to
+    ``inat2018/``; ``synthetic_cls`` labels the synthetic shapes by their largest object.
+    """
+    root = get_datasets_root() if root is None else root
+    imagenet = os.path.join(root, "imagenet")
+    inat = os.path.join(root, "inat2018")
+    base = os.path.join(root, "synthetic")
+    classes = [c["name"] for c in sorted(COCO_CATEGORIES, key=lambda c: c["id"])]
+    for split in _SPLITS:
+        register_image_folder(
+            f"imagenet_{split}", os.path.join(imagenet, split), os.path.join(imagenet, "train")
+        )
+        register_inat_json(f"inat2018_{split}", os.path.join(inat, f"{split}2018.json"), inat)
+        name = f"synthetic_cls_{split}"
+        _register(
+            name,
+            functools.partial(_load_synthetic_cls, base, split, name),
+            json_file=os.path.join(base, "annotations", f"instances_{split}.json"),
+            image_root=os.path.join(base, split),
+            evaluator_type="classification",
+            thing_classes=classes,
+        )
+
+
 def register_all_virtex_datasets(root: Optional[str] = None) -> None:
     """(Re-)register every dataset of this project under ``root`` (default:
     :func:`get_datasets_root`). Safe to call repeatedly; later calls replace the entries."""
     root = get_datasets_root() if root is None else root
     register_synthetic_datasets(root)
     register_coco_captions_datasets(root)
+    register_classification_datasets(root)
 
 
 register_all_virtex_datasets()

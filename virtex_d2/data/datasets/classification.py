@@ -1,21 +1,23 @@
-"""Classification datasets: loaders, registration, and per-class VOC labels for the SVMs.
+"""Classification datasets: record loaders, and per-class VOC labels for the SVMs.
 
 Single-label records (``evaluator_type`` "classification") are
 ``{"file_name": str, "image_id": hashable, "label": int}`` (plus ``height``/``width`` where the
 source gives them); ``label`` indexes the dataset metadata's ``thing_classes``.
 
-Registered on import, rooted at ``$DETECTRON2_DATASETS`` (see ``get_datasets_root``):
+Sources (registered by ``builtin.register_classification_datasets``):
 
-- ``imagenet_{train,val}``: ``imagenet/{train,val}/<wnid>/*.JPEG``; classes are the sorted class
-  folders of ``imagenet/train`` (so val labels agree with train even if a val folder is missing).
-- ``inat2018_{train,val}``: ``inat2018/{train,val}2018.json`` (COCO-like: images, annotations
-  with one category per image, categories); image paths are relative to ``inat2018/``.
-- ``synthetic_cls_{train,val}``: the synthetic shapes (``synthetic_coco_*`` instances); label =
-  class of the largest non-crowd object, ``labels`` = every class present (multi-label).
+- an ``<root>/<class>/<image>`` tree (ImageNet): classes are torchvision's ``find_classes`` of
+  a class root (the train split, so val labels agree with train even if a val folder is
+  missing), images are found as torchvision's ``ImageFolder`` finds them, with
+  :data:`~virtex_d2.data.image_io.IMAGE_EXTENSIONS`;
+- an iNaturalist-2018-style json (COCO-like: images, annotations with one category per image,
+  categories);
+- a COCO instances json: label = class of the largest non-crowd object, ``labels`` = every
+  class present (multi-label).
 
-Registering reads nothing; class names of folder / json datasets are put into the metadata when
-the dataset is first loaded. :func:`load_multilabel_targets` gives the VOC07 SVM protocol's
-per-class targets (+1 present, 0 difficult only, -1 absent) for VOC-style and multi-label sets.
+Class names of folder / json datasets are put into the metadata when the dataset is first
+loaded. :func:`load_multilabel_targets` gives the VOC07 SVM protocol's per-class targets (+1
+present, 0 difficult only, -1 absent) for VOC-style and multi-label sets.
 """
 from __future__ import annotations
 
@@ -27,30 +29,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from torchvision.datasets.folder import find_classes, make_dataset
 
-from ..data.datasets.builtin import _register, get_datasets_root
-from ..data.datasets.synthetic import COCO_CATEGORIES, ensure_synthetic_dataset
+from ..image_io import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CLASSIFICATION_DATASETS",
-    "IMAGE_EXTENSIONS",
     "load_image_folder",
     "load_inat_json",
     "load_coco_instances_classification",
     "load_voc_multilabel",
     "load_multilabel_targets",
-    "register_image_folder",
-    "register_inat_json",
-    "register_classification_datasets",
-]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
-CLASSIFICATION_DATASETS: List[str] = [
-    f"{base}_{split}"
-    for base in ("imagenet", "inat2018", "synthetic_cls")
-    for split in ("train", "val")
 ]
 
 
@@ -71,18 +61,19 @@ def _set_classes(dataset_name: Optional[str], classes: List[str], source: str) -
 
 
 def _class_folders(root: str) -> List[str]:
+    # torchvision's messages name neither the expected layout nor the ImageNet val pitfall.
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"image folder {root} does not exist; expected <root>/<class>/<image> (set "
             "$DETECTRON2_DATASETS or register the dataset with its real path)"
         )
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
+    try:
+        return find_classes(root)[0]
+    except FileNotFoundError as e:
         raise ValueError(
             f"{root} has no class folders; expected <root>/<class>/<image>. ImageNet's "
             "validation images must first be sorted into one folder per class (wnid)."
-        )
-    return classes
+        ) from e
 
 
 # ----------------------------------------------------------------------------------- loaders
@@ -107,21 +98,18 @@ def load_image_folder(
             f"{image_root}: class folder(s) {unknown[:5]} are not among the {len(classes)} "
             f"classes of {class_root}"
         )
-    records = []
-    for cls in found:
-        folder = os.path.join(image_root, cls)
-        names = sorted(
-            e.name for e in os.scandir(folder)
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
-        for fname in names:
-            records.append(
-                {
-                    "file_name": os.path.join(folder, fname),
-                    "image_id": f"{cls}/{fname}",
-                    "label": index[cls],
-                }
-            )
+    # Only the folders present here: make_dataset would raise for a class missing from them.
+    samples = make_dataset(
+        image_root, {c: index[c] for c in found}, extensions=IMAGE_EXTENSIONS, allow_empty=True
+    )
+    records = [
+        {
+            "file_name": path,
+            "image_id": os.path.relpath(path, image_root).replace(os.sep, "/"),
+            "label": label,
+        }
+        for path, label in samples
+    ]
     if not records:
         raise ValueError(f"{image_root}: no images with extensions {IMAGE_EXTENSIONS}")
     _set_classes(dataset_name, classes, image_root)
@@ -313,61 +301,3 @@ def load_multilabel_targets(
             )
         targets[i, list(present)] = 1
     return records, targets, list(classes)
-
-
-# ------------------------------------------------------------------------------ registration
-def register_image_folder(name: str, image_root: str, class_root: Optional[str] = None) -> None:
-    """Register an ``<image_root>/<class>/<image>`` tree as a classification dataset."""
-
-    def load() -> List[Dict[str, Any]]:
-        return load_image_folder(image_root, class_root, name)
-
-    _register(name, load, image_root=image_root, evaluator_type="classification")
-
-
-def register_inat_json(name: str, json_file: str, image_root: str) -> None:
-    """Register an iNaturalist-2018-style json as a classification dataset."""
-
-    def load() -> List[Dict[str, Any]]:
-        return load_inat_json(json_file, image_root, name)
-
-    _register(
-        name, load, json_file=json_file, image_root=image_root, evaluator_type="classification"
-    )
-
-
-def register_classification_datasets(root: Optional[str] = None) -> None:
-    """(Re-)register ImageNet, iNaturalist 2018 and synthetic classification under ``root``
-    (default: ``$DETECTRON2_DATASETS``). Reads no file."""
-    root = get_datasets_root() if root is None else root
-    imagenet = os.path.join(root, "imagenet")
-    for split in ("train", "val"):
-        register_image_folder(
-            f"imagenet_{split}", os.path.join(imagenet, split), os.path.join(imagenet, "train")
-        )
-    inat = os.path.join(root, "inat2018")
-    for split in ("train", "val"):
-        register_inat_json(f"inat2018_{split}", os.path.join(inat, f"{split}2018.json"), inat)
-
-    base = os.path.join(root, "synthetic")
-    classes = [c["name"] for c in sorted(COCO_CATEGORIES, key=lambda c: c["id"])]
-    for split in ("train", "val"):
-        name = f"synthetic_cls_{split}"
-        json_file = os.path.join(base, "annotations", f"instances_{split}.json")
-        image_root = os.path.join(base, split)
-
-        def load(name=name, json_file=json_file, image_root=image_root):
-            ensure_synthetic_dataset(base)
-            return load_coco_instances_classification(json_file, image_root, name)
-
-        _register(
-            name,
-            load,
-            json_file=json_file,
-            image_root=image_root,
-            evaluator_type="classification",
-            thing_classes=classes,
-        )
-
-
-register_classification_datasets()

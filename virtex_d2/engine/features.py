@@ -32,9 +32,13 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint.convert import convert_checkpoint
+from ..data.classification_mapper import (
+    ClassificationDatasetMapper,
+    build_eval_augmentations,
+    build_inference_loader,
+)
 from ..io import atomic_write
-from .mapper import ClassificationDatasetMapper, build_eval_augmentations, build_inference_loader
-from .meta_arch import ImageClassifier
+from ..modeling.classifier import ImageClassifier
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SVMSettings:
-    """See ``TEST.VOC07_SVM`` in :mod:`.config`."""
+    """See ``TEST.VOC07_SVM`` in :mod:`virtex_d2.config`."""
 
     costs: Tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     cv_folds: int = 3

@@ -4,12 +4,17 @@ The mapper turns a record ``{"file_name", "image_id", "label", ...}`` into
 ``{"image": uint8 tensor (3, S, S) in INPUT.FORMAT, "label": int, "image_id", "file_name"}``.
 Every output image of one mode has the same size (a crop), so the model stacks a batch without
 padding, which would change what global average pooling sees.
+
+Training goes through the same resumable loader as pretraining and detection
+(``train_loader.build_resumable_train_loader``): batches depend only on (seed, iteration), and
+an unreadable image (``image_io.UnreadableImageError``) is skipped and counted under
+``DATALOADER.VIRTEX_MAX_BAD_FRACTION``.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,17 +23,17 @@ from detectron2.data import (
     DatasetFromList,
     MapDataset,
     MetadataCatalog,
-    build_detection_train_loader,
     get_detection_dataset_dicts,
 )
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.data.build import trivial_batch_collator
 from detectron2.data.samplers import InferenceSampler
-from detectron2.solver import build_optimizer
-from detectron2.utils import comm
-from torch import nn
 
-from ..data.transforms import CenterCrop, RandomResizedCrop
+from .image_io import load_image_rgb
+from .resumable import ResumableTrainLoader
+from .train_loader import build_resumable_train_loader
+from .transforms import CenterCrop, RandomResizedCrop
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +42,14 @@ __all__ = [
     "build_classification_augmentations",
     "build_eval_augmentations",
     "build_inference_loader",
+    "check_classification_records",
     "build_classification_train_loader",
     "build_classification_test_loader",
-    "build_classification_optimizer",
 ]
+
+# load_image_rgb decodes to RGB; BGR is the same pixels reversed. Other Detectron2 formats
+# (L, YUV) would need Detectron2's reader, whose errors the bad-data policy cannot name.
+_FORMATS = ("RGB", "BGR")
 
 
 def build_eval_augmentations(mode: str, resize: int, crop_size: int) -> List[T.Augmentation]:
@@ -88,10 +97,15 @@ class ClassificationDatasetMapper:
         Args:
             is_train: only used for logging; randomness lives in the augmentations.
             augmentations: Detectron2 augmentations applied in order.
-            image_format: format passed to ``detection_utils.read_image``.
+            image_format: "RGB" or "BGR" (``INPUT.FORMAT``).
             require_label: raise if a record has no integer ``label`` (feature extraction for
                 the SVMs takes its targets elsewhere and sets this False).
         """
+        if image_format not in _FORMATS:
+            raise ValueError(
+                f"INPUT.FORMAT {image_format!r} is not supported by the classification mapper; "
+                f"use one of {_FORMATS}"
+            )
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
@@ -114,7 +128,9 @@ class ClassificationDatasetMapper:
                 f"record {d.get('file_name')} has no integer 'label'; classification datasets "
                 "must give one class index per image"
             )
-        image = utils.read_image(d["file_name"], format=self.image_format)
+        image = load_image_rgb(d["file_name"])
+        if self.image_format == "BGR":
+            image = image[:, :, ::-1]
         if "height" in d and "width" in d:
             utils.check_image_size(d, image)
         aug_input = T.AugInput(image)
@@ -128,11 +144,6 @@ class ClassificationDatasetMapper:
         return d
 
 
-def _list_collate(batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    # Module level (not a lambda) so that worker processes can pickle it.
-    return batch
-
-
 def build_inference_loader(
     records: List[Dict[str, Any]], mapper, batch_size: int, num_workers: int = 0
 ) -> torch.utils.data.DataLoader:
@@ -142,13 +153,18 @@ def build_inference_loader(
     sampler = InferenceSampler(len(dataset))
     batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_list_collate
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=trivial_batch_collator,
     )
 
 
-def _check_labels(cfg, names: Sequence[str], records: List[Dict[str, Any]]) -> None:
+def check_classification_records(cfg, records: List[Dict[str, Any]]) -> None:
+    """Refuse, before training starts, a dataset whose classes or labels do not fit
+    ``MODEL.CLASSIFIER.NUM_CLASSES`` (a wrong label would otherwise fail inside the loss)."""
     num_classes = cfg.MODEL.CLASSIFIER.NUM_CLASSES
-    for name in names:
+    for name in cfg.DATASETS.TRAIN:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != num_classes:
             raise ValueError(
@@ -163,44 +179,22 @@ def _check_labels(cfg, names: Sequence[str], records: List[Dict[str, Any]]) -> N
         )
 
 
-def build_classification_train_loader(cfg):
-    """Infinite, shuffled training loader of ``DATASETS.TRAIN`` (batches are lists of mapper
-    outputs, ``SOLVER.IMS_PER_BATCH`` in total over all processes)."""
-    names = list(cfg.DATASETS.TRAIN)
-    records = get_detection_dataset_dicts(names, filter_empty=False)
-    _check_labels(cfg, names, records)
-    return build_detection_train_loader(
-        cfg,
-        mapper=ClassificationDatasetMapper(cfg, True),
-        dataset=records,
-        # Square crops: grouping by aspect ratio would need height/width and gain nothing.
-        aspect_ratio_grouping=False,
+def build_classification_train_loader(cfg) -> ResumableTrainLoader:
+    """The resumable training loader of ``DATASETS.TRAIN`` (batches are lists of mapper outputs,
+    ``SOLVER.IMS_PER_BATCH`` in total over all processes)."""
+    return build_resumable_train_loader(
+        cfg, ClassificationDatasetMapper(cfg, True), check_records=check_classification_records
     )
 
 
-def build_classification_test_loader(cfg, dataset_name: str):
-    """Batched evaluation loader (``TEST.CLASSIFICATION.IMS_PER_BATCH`` images per process)."""
+def build_classification_test_loader(
+    cfg, dataset_name: str, mapper: Optional[Callable[[dict], Any]] = None
+) -> torch.utils.data.DataLoader:
+    """Batched evaluation loader (``TEST.CLASSIFICATION.IMS_PER_BATCH`` images per process);
+    Detectron2 v0.6's test loader is fixed to one image per batch."""
     records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
-    mapper = ClassificationDatasetMapper(cfg, False)
+    if mapper is None:
+        mapper = ClassificationDatasetMapper(cfg, False)
     return build_inference_loader(
         records, mapper, cfg.TEST.CLASSIFICATION.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS
     )
-
-
-def build_classification_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """Detectron2's SGD (``SOLVER.*``) over the trainable parameters.
-
-    Detectron2 skips parameters with ``requires_grad=False``, so a linear probe optimises the
-    classifier only; this checks that, rather than trusting it silently.
-    """
-    params = dict(model.named_parameters())
-    trainable = [n for n, p in params.items() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameter")
-    if cfg.MODEL.CLASSIFIER.FREEZE_BACKBONE:
-        leaked = [n for n in trainable if ".backbone." in f".{n}"]
-        if leaked:
-            raise RuntimeError(f"linear probe, but backbone parameters are trainable: {leaked[:3]}")
-    if comm.is_main_process():
-        logger.info(f"Optimising {len(trainable)} of {len(params)} parameter tensors")
-    return build_optimizer(cfg, model)
