@@ -7,25 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import needs_coco_tiny
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from helpers import COCO_TINY, REPO, make_tokenizer, virtex_cfg
+from helpers import COCO_TINY, REPO, make_tokenizer, needs_coco_tiny, virtex_cfg
 from PIL import Image
 
-from virtex_d2.captioner import (
-    UnreadableImageError,
-    caption_attention,
-    caption_files,
-    combine_attention,
-    eval_image_tensor,
-    list_image_files,
-    load_image_rgb,
-    word_spans,
-)
-from virtex_d2.data.caption_mapper import build_caption_augmentations
-from virtex_d2.data.tokenizer import SOS_ID
+from virtex_d2.data.image_io import UnreadableImageError, list_image_files, load_image_rgb
+from virtex_d2.data.tokenizer import SOS_ID, word_spans
+from virtex_d2.engine.predictor import CaptionPredictor
+from virtex_d2.modeling.attention import combine_attention
 
 LAYERS = 2
 
@@ -39,7 +30,8 @@ def _load_tool(name: str):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny 2-layer bicaptioning model saved as config.yaml + model.pth, and the model.
+    """A tiny 2-layer bicaptioning model saved as config.yaml + model.pth, the model, and a
+    CaptionPredictor that loaded the saved files.
 
     Its visual projection and cross-attention projections get a larger scale than BERT's 0.02
     (with which attention is uniform over the grid: every word's map would be the same), and
@@ -62,7 +54,8 @@ def trained(tmp_path_factory):
     DetectionCheckpointer(model, save_dir=str(root)).save("model")
     (root / "config.yaml").write_text(cfg.dump())
     return {"cfg": cfg, "model": model, "config": root / "config.yaml",
-            "weights": root / "model.pth"}
+            "weights": root / "model.pth",
+            "predictor": CaptionPredictor(cfg, str(root / "model.pth"))}
 
 
 # ------------------------------------------------------------------------------- test files
@@ -199,23 +192,64 @@ def test_caption_images_tool_errors(trained, tmp_path, capsys):
 def test_real_photographs(trained):
     files = sorted(str(p) for p in (COCO_TINY / "val2017").glob("*.jpg"))[:3]
     assert len(files) == 3
-    augs = build_caption_augmentations(trained["cfg"], is_train=False)
-    results = caption_files(trained["model"], files, augs, batch_size=2, progress=False)
+    results = trained["predictor"].caption_files(files, batch_size=2, progress=False)
     assert [c["file_name"] for c in results.captions] == files and not results.skipped
     assert all(c["caption"] for c in results.captions)
 
 
+# -------------------------------------------------------------------------------- predictor
+def test_predictor_captions_an_array_as_caption_files_does(trained, tmp_path):
+    predictor = trained["predictor"]
+    files = [str(_jpeg(tmp_path / "a.jpg")), str(_jpeg(tmp_path / "b.jpg", size=(50, 20)))]
+    written = predictor.caption_files(files, batch_size=2, num_workers=0, progress=False)
+    images = [load_image_rgb(f) for f in files]
+    one = predictor(images[0])
+    assert one["caption"] == written.captions[0]["caption"]
+    assert one["caption"] == predictor.tokenizer.decode(one["tokens"]) and one["tokens"]
+    # Arrays of different sizes batch together: each is prepared to the crop size first.
+    batch = predictor.caption_batch(images)
+    assert [b["caption"] for b in batch] == [c["caption"] for c in written.captions]
+    # The model's own inference (what Detectron2's evaluators see) agrees.
+    with torch.no_grad():
+        inference = predictor.model([{"image": predictor.prepare(images[1])}])[0]
+    assert inference["tokens"] == batch[1]["tokens"]
+
+
+def test_predictor_refuses_what_cannot_caption(trained, tmp_path):
+    weights = str(trained["weights"])
+    cfg = trained["cfg"].clone()
+    cfg.MODEL.VIRTEX.TASK = "token_classification"
+    with pytest.raises(ValueError, match="TASK is 'token_classification': only "
+                                         "bicaptioning/captioning models generate captions"):
+        CaptionPredictor(cfg, weights)
+    cfg = trained["cfg"].clone()
+    cfg.INPUT.FORMAT = "BGR"
+    with pytest.raises(ValueError, match="INPUT.FORMAT must be 'RGB'"):
+        CaptionPredictor(cfg, weights)
+    cfg = trained["cfg"].clone()
+    with pytest.raises(FileNotFoundError, match="--weights .*nope.pth does not exist"):
+        CaptionPredictor(cfg, str(tmp_path / "nope.pth"))
+    cfg.MODEL.WEIGHTS = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS .*nope.pth does not exist"):
+        CaptionPredictor(cfg)
+    cfg.MODEL.WEIGHTS = ""
+    with pytest.raises(FileNotFoundError, match="no weights to load"):
+        CaptionPredictor(cfg)
+    cfg.MODEL.WEIGHTS = weights  # like DefaultPredictor: the config's weights by default
+    assert CaptionPredictor(cfg).caption_batch([np.zeros((30, 40, 3), np.uint8)])[0]["tokens"]
+
+
 # -------------------------------------------------------------------------------- attention
 def _crop(trained, path) -> torch.Tensor:
-    augs = build_caption_augmentations(trained["cfg"], is_train=False)
-    return eval_image_tensor(load_image_rgb(str(path)), augs)
+    return trained["predictor"].prepare(load_image_rgb(str(path)))
 
 
 @needs_coco_tiny
 def test_attention_is_what_the_decoder_used(trained):
-    model = trained["model"]
+    predictor = trained["predictor"]
+    model = predictor.model
     image = _crop(trained, sorted((COCO_TINY / "val2017").glob("*.jpg"))[0])
-    result = caption_attention(model, image)
+    result = predictor.attention(image)
     n = len(result.tokens)
     assert n > 0 and result.token_maps.shape == (n, 2, 2)  # 64 px / stride 32
     torch.testing.assert_close(result.token_maps.sum(dim=(1, 2)), torch.ones(n))
@@ -236,23 +270,23 @@ def test_attention_is_what_the_decoder_used(trained):
             expected = torch.stack([w[0, :, 0].mean(0) for w in weights]).mean(0)
             torch.testing.assert_close(result.token_maps[t].flatten(), expected)
 
-    last = caption_attention(model, image, tokens=result.tokens, layer=-1)
+    last = predictor.attention(image, tokens=result.tokens, layer=-1)
     assert not torch.allclose(last.token_maps, result.token_maps)
     with pytest.raises(ValueError, match="has 2 layer"):
-        caption_attention(model, image, layer=2)
+        predictor.attention(image, layer=2)
     with pytest.raises(ValueError, match="decoder must be one of"):
-        caption_attention(model, image, decoder="sampling")
-    empty = caption_attention(model, image, tokens=[])  # the decoder emitted [EOS] at once
+        predictor.attention(image, decoder="sampling")
+    empty = predictor.attention(image, tokens=[])  # the decoder emitted [EOS] at once
     assert empty.caption == "" and empty.words == [] and empty.word_maps.shape == (0, 2, 2)
 
 
 @needs_coco_tiny
 def test_word_maps_differ_and_merge_subwords(trained):
-    model, tok = trained["model"], trained["model"].tokenizer
+    predictor, tok = trained["predictor"], trained["predictor"].tokenizer
     image = _crop(trained, sorted((COCO_TINY / "val2017").glob("*.jpg"))[1])
     caption = "a red circle left of the blue square"
     tokens = tok.encode(caption)
-    result = caption_attention(model, image, tokens=tokens)
+    result = predictor.attention(image, tokens=tokens)
     assert result.words == caption.split()
     spans = word_spans(tok, tokens)
     assert any(len(positions) > 1 for _, positions in spans)  # "red" = "▁" "re" "d"

@@ -6,17 +6,18 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import needs_coco_tiny
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from helpers import needs_coco_tiny
+from iopath.common.file_io import file_lock
 
 import virtex_d2
-from virtex_d2.data.datasets import builtin, load_coco_captions_json, synthetic
+from virtex_d2.data.datasets import builtin, load_coco_captions_json
 from virtex_d2.data.datasets.builtin import (
     register_all_virtex_datasets,
     register_synthetic_datasets,
@@ -67,12 +68,15 @@ def generated(root):
     (a partial file, no marker) and a lock left by a dead process."""
     (root / "synthetic" / "annotations").mkdir(parents=True)
     (root / "synthetic" / "annotations" / "captions_train.json").write_text('{"images": [')
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (root / "synthetic.lock").mkdir()
-    (root / "synthetic.lock" / "owner").write_text(f"{socket.gethostname()} {dead.pid}")
-    # Fail here, not after ensure_synthetic_dataset's 15-minute wait, if detection breaks.
-    assert synthetic._lock_is_stale(str(root / "synthetic.lock"))
+    subprocess.run([sys.executable, "-c", "import os, sys\n"
+                    "from iopath.common.file_io import file_lock\n"
+                    "file_lock(sys.argv[1]).acquire()\nos._exit(1)",
+                    str(root / "synthetic")], check=False, timeout=60)
+    assert (root / "synthetic.lock").is_file()
+    # Fail here, not after ensure_synthetic_dataset's 15-minute wait, if the lock is not freed.
+    lock = file_lock(str(root / "synthetic"))
+    lock.acquire(timeout=5)
+    lock.release()
 
     with capture_logs() as logs:
         start = time.perf_counter()

@@ -2,12 +2,13 @@
 resumable loader's determinism (README "Failure behaviour")."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
@@ -16,7 +17,6 @@ from PIL import Image
 
 from virtex_d2.data.caption_mapper import CaptionDatasetMapper
 from virtex_d2.data.datasets.coco_captions import load_coco_captions_json
-from virtex_d2.data.detection_mapper import RobustDatasetMapper
 from virtex_d2.data.resumable import ResumableBatchSampler, ResumableTrainLoader, SampleStream
 from virtex_d2.data.tokenizer import EOS_ID, SOS_ID
 from virtex_d2.data.validation import (
@@ -103,23 +103,38 @@ def instance_record(path, h, w, box):
         {"bbox": box, "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0}]}
 
 
-def test_detection_mapper_decodes_like_the_caption_mapper(images):
-    rgb = RobustDatasetMapper(detection_cfg("RGB"), is_train=False)
-    bgr = RobustDatasetMapper(detection_cfg("BGR"), is_train=False)
-    assert close(rgb({"file_name": str(images / "gray16.png"), "height": 64, "width": 64})[
-        "image"][:, 10, 10].tolist(), (128, 128, 128), 1)
-    assert close(bgr({"file_name": str(images / "rgb.jpg"), "height": 64, "width": 64})[
-        "image"][:, 10, 10].tolist(), (40, 40, 200), 8)
-    train = RobustDatasetMapper(detection_cfg(), is_train=True)
-    # EXIF-rotated photo whose json has the upright size: boxes stay where they were drawn.
-    out = train(instance_record(images / "exif.jpg", h=64, w=32, box=[0, 0, 32, 32]))
-    assert tuple(out["image"].shape) == (3, 128, 64)  # shorter side 32 -> 64
-    assert out["instances"].gt_boxes.tensor.tolist() == [[0.0, 0.0, 64.0, 64.0]]
-    assert close(out["image"][:, 10, 32].tolist(), RED, 40)
-    # A json giving the stored (pre-rotation) size disagrees with the pixels: the mapper refuses
-    # it (the training loader then skips and counts it, see below).
-    with pytest.raises(SizeMismatchError, match="exif.jpg"):
-        train(instance_record(images / "exif.jpg", h=32, w=64, box=[0, 0, 32, 32]))
+def test_detectron2_mapper_failures_are_skipped_and_counted(images, tmp_path):
+    """Detection fine-tuning maps with Detectron2's own DatasetMapper (``read_image``): a file it
+    cannot decode, or whose json size disagrees with the pixels, is replaced and counted by the
+    resumable loader, named, and the threshold applies; the worker does not crash."""
+    mapper = DatasetMapper(detection_cfg(), is_train=True)
+    shutil.copy(images / "rgb.jpg", tmp_path / "wrong_size.jpg")
+    good = [instance_record(images / n, 64, 64, [8, 8, 16, 16])
+            for n in ("rgb.jpg", "gray.png", "cmyk.jpg")]
+    # EXIF-rotated photo whose json has the upright size: fine.
+    good.append(instance_record(images / "exif.jpg", h=64, w=32, box=[0, 0, 32, 32]))
+    bad = [instance_record(images / "truncated.jpg", 64, 64, [8, 8, 16, 16]),
+           instance_record(images / "corrupt.jpg", 64, 64, [8, 8, 16, 16]),
+           instance_record(tmp_path / "wrong_size.jpg", h=32, w=64, box=[0, 0, 32, 32])]
+    records = [{**r, "image_id": i} for i, r in enumerate(good + bad)]
+    loader = ResumableTrainLoader(records, mapper, batch_size=2, num_workers=1, seed=1,
+                                  tracker=BadSampleTracker(len(records), 0.5))
+    good_names = {os.path.basename(r["file_name"]) for r in good}
+    for batch, _ in zip(loader, range(12)):  # 24 samples: every record drawn (3+ epochs)
+        assert len(batch) == 2
+        assert all(len(d["instances"]) == 1 for d in batch)
+        assert all(os.path.basename(d["file_name"]) in good_names for d in batch)
+    reasons = {os.path.basename(k): v for k, v in loader.tracker.bad.items()}
+    assert sorted(reasons) == ["corrupt.jpg", "truncated.jpg", "wrong_size.jpg"]
+    assert reasons["truncated.jpg"].startswith("OSError")
+    assert reasons["corrupt.jpg"].startswith("UnidentifiedImageError")
+    assert reasons["wrong_size.jpg"].startswith(SizeMismatchError.__name__)
+
+    strict = ResumableTrainLoader(records, mapper, batch_size=2, num_workers=1, seed=1,
+                                  tracker=BadSampleTracker(len(records), 0.2))
+    with pytest.raises(BadDataError, match="VIRTEX_MAX_BAD_FRACTION = 0.2"):  # 2 of 7 > 1
+        for _ in zip(range(12), strict):
+            pass
 
 
 # ---------------------------------------------------------------- bad files: skip and count
@@ -276,7 +291,7 @@ def test_caption_json_policies(tmp_path, tokenizer, caplog):
 
 
 def test_evaluation_stops_at_an_unreadable_image_naming_it(images, tokenizer):
-    from virtex_d2.captioner import UnreadableImageError
+    from virtex_d2.data.image_io import UnreadableImageError
 
     mapper = CaptionDatasetMapper(caption_cfg(tokenizer), is_train=False)
     with pytest.raises(UnreadableImageError, match="truncated.jpg"):

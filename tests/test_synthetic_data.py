@@ -5,12 +5,12 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
+from iopath.common.file_io import file_lock
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -371,8 +371,11 @@ def test_concurrent_ensure_generates_once(tmp_path, monkeypatch):
 def test_ensure_waits_for_a_live_lock_then_times_out(tmp_path):
     root = tmp_path / "synthetic"
     lock = tmp_path / "synthetic.lock"
-    lock.mkdir()
-    (lock / "owner").write_text(f"{socket.gethostname()} {os.getpid()}")  # alive: this process
-    with pytest.raises(TimeoutError, match=re.escape(str(lock))):
-        ensure_synthetic_dataset(str(root), wait_timeout_s=0.6)
+    held = file_lock(str(root))  # alive: this process holds it (locks are per file handle)
+    held.acquire()
+    try:
+        with pytest.raises(TimeoutError, match=re.escape(str(lock))):
+            ensure_synthetic_dataset(str(root), wait_timeout_s=0.6)
+    finally:
+        held.release()
     assert not (root / MARKER_NAME).exists()

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchvision
 from detectron2.modeling import build_model
-
 from helpers import REPO, virtex_cfg
+
 from virtex_d2.checkpoint.convert import (
     IncompleteBackboneError,
     convert_state_dict,
@@ -62,8 +62,8 @@ def test_detection_model_loads_a_torchvision_checkpoint_as_model_weights(tmp_pat
 def test_caption_model_without_its_textual_head_is_refused(tmp_path, tokenizer):
     """A backbone-only file used as a captioner's weights: an error naming the head, not a
     warning and random captions."""
-    from virtex_d2.captioner import build_caption_model
     from virtex_d2.engine.checkpoint import WeightsMismatchError
+    from virtex_d2.engine.predictor import CaptionPredictor
 
     cfg = virtex_cfg(tokenizer_path=tokenizer.path, vocab_size=len(tokenizer))
     backbone_only = tmp_path / "backbone.pth"
@@ -71,7 +71,7 @@ def test_caption_model_without_its_textual_head_is_refused(tmp_path, tokenizer):
     save_d2_checkpoint({k[len("backbone."):]: v for k, v in model.state_dict().items()
                         if k.startswith("backbone.")}, str(backbone_only))
     with pytest.raises(WeightsMismatchError, match="textual_head"):
-        build_caption_model(cfg, str(backbone_only))
+        CaptionPredictor(cfg, str(backbone_only))
 
 
 def test_caption_tool_refuses_pickles_without_the_opt_in(tmp_path, tokenizer):

@@ -25,19 +25,16 @@ from typing import List, Optional
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from virtex_d2.captioner import (
-    model_load_errors,
-    model_tool_parser,
-    build_caption_model,
-    caption_files,
-    list_image_files,
-    load_config,
-)
-from virtex_d2.data.caption_mapper import build_caption_augmentations
+from virtex_d2.config import setup_cfg
+from virtex_d2.data.image_io import list_image_files
+from virtex_d2.engine.predictor import CaptionPredictor
+from virtex_d2.engine.tool_args import model_load_errors, model_tool_parser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = model_tool_parser(__doc__, "image file, directory or glob pattern", "where to write the json")
+    parser = model_tool_parser(
+        __doc__, "image file, directory or glob pattern", "where to write the json"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument(
         "--num-workers", type=int, default=4, help="threads decoding images (0: main thread)"
@@ -53,20 +50,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         files = list_image_files(args.input)
-        cfg = load_config(args.config_file, args.opts)
-        model = build_caption_model(cfg, args.weights)
+        cfg = setup_cfg(args.config_file, args.opts)
+        predictor = CaptionPredictor(cfg, args.weights)
     except model_load_errors() as e:
         print(f"caption_images: error: {e}", file=sys.stderr)
         return 1
     print(f"captioning {len(files)} file(s) from {args.input}")
     with logging_redirect_tqdm():  # skip warnings print above the progress bar, not inside it
-        results = caption_files(
-            model,
+        results = predictor.caption_files(
             files,
-            build_caption_augmentations(cfg, is_train=False),
             batch_size=args.batch_size,
-            decoder=args.decoder,
             num_workers=args.num_workers,
+            decoder=args.decoder,
         )
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)

@@ -17,7 +17,9 @@ import json
 import sys
 from typing import List, Optional
 
-from virtex_d2.captioner import build_caption_model, load_config, model_load_errors
+from virtex_d2.config import setup_cfg
+from virtex_d2.engine.predictor import CaptionPredictor
+from virtex_d2.engine.tool_args import model_load_errors
 from virtex_d2.evaluation.grounding import grounding_batches, measure_grounding
 
 
@@ -36,8 +38,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config_file, args.opts)
-        model = build_caption_model(cfg, args.weights)
+        cfg = setup_cfg(args.config_file, args.opts)
+        model = CaptionPredictor(cfg, args.weights).model
         name = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
         if name is None:
             raise ValueError("the config has no DATASETS.TEST; pass --dataset")

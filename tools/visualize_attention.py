@@ -26,17 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from virtex_d2.captioner import (
-    model_load_errors,
-    model_tool_parser,
-    UnreadableImageError,
-    build_caption_model,
-    caption_attention,
-    eval_image_tensor,
-    load_config,
-    load_image_rgb,
-)
-from virtex_d2.data.caption_mapper import build_caption_augmentations
+from virtex_d2.config import setup_cfg
+from virtex_d2.data.image_io import UnreadableImageError, load_image_rgb
+from virtex_d2.engine.predictor import CaptionPredictor
+from virtex_d2.engine.tool_args import model_load_errors, model_tool_parser
 
 # Figures are laid out in pixels at 64 dpi so that every size is an exact number of inches
 # (a power-of-two dpi), and saved PNGs have exactly the sizes below.
@@ -148,10 +141,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.cmap not in matplotlib.colormaps:
             raise ValueError(f"--cmap {args.cmap!r} is not a matplotlib colormap")
         image = load_image_rgb(args.input)
-        cfg = load_config(args.config_file, args.opts)
-        model = build_caption_model(cfg, args.weights)
-        crop = eval_image_tensor(image, build_caption_augmentations(cfg, is_train=False))
-        result = caption_attention(model, crop, decoder=args.decoder, layer=args.layer)
+        cfg = setup_cfg(args.config_file, args.opts)
+        predictor = CaptionPredictor(cfg, args.weights)
+        crop = predictor.prepare(image)
+        result = predictor.attention(crop, decoder=args.decoder, layer=args.layer)
     except (UnreadableImageError, *model_load_errors()) as e:
         print(f"visualize_attention: error: {e}", file=sys.stderr)
         return 1

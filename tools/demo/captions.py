@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
-import torch
 from detectron2.data import DatasetCatalog
 
 DATASET = "synthetic_captions_val"
@@ -15,19 +14,17 @@ def caption_report(config: str, opts: Sequence[str], weights: str, count: int = 
     """Loads the captioner once and returns (``count`` images of the validation split with
     their generated caption and a reference one, the grounding numbers on its first
     ``grounding_images`` images; see :mod:`virtex_d2.evaluation.grounding`)."""
-    from virtex_d2.captioner import build_caption_model, caption_files, load_config
-    from virtex_d2.data.caption_mapper import build_caption_augmentations
+    from virtex_d2.config import setup_cfg
+    from virtex_d2.engine.predictor import CaptionPredictor
     from virtex_d2.evaluation.grounding import grounding_batches, measure_grounding
 
-    cfg = load_config(config, opts)
-    model = build_caption_model(cfg, weights)
+    predictor = CaptionPredictor(setup_cfg(config, opts), weights)
     records = DatasetCatalog.get(DATASET)[:count]
-    with torch.no_grad():
-        results = caption_files(model, [r["file_name"] for r in records],
-                                build_caption_augmentations(cfg, is_train=False),
-                                batch_size=count, num_workers=0, progress=False)
+    results = predictor.caption_files([r["file_name"] for r in records], batch_size=count,
+                                      num_workers=0, progress=False)
     generated = {c["file_name"]: c["caption"] for c in results.captions}
     captions = [{"file_name": r["file_name"], "caption": generated.get(r["file_name"], ""),
                  "reference": r["captions"][0]} for r in records]
-    grounding = measure_grounding(model, grounding_batches(cfg, DATASET, grounding_images))
+    grounding = measure_grounding(predictor.model,
+                                  grounding_batches(predictor.cfg, DATASET, grounding_images))
     return captions, grounding.to_json()

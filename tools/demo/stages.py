@@ -83,9 +83,9 @@ def _file_digest(path: str) -> str:
 def signature(stage: TrainStage, weights: str, repo: str) -> Dict[str, object]:
     """What a stage's result depends on: its command line, the config it resolves to (the
     config file, its ``_BASE_`` chain and the overrides) and the initial weights' bytes."""
-    from virtex_d2.captioner import load_config
+    from virtex_d2.config import setup_cfg
 
-    cfg = load_config(os.path.join(repo, stage.config), stage.command_opts(weights))
+    cfg = setup_cfg(os.path.join(repo, stage.config), stage.command_opts(weights))
     return {
         "config": stage.config,
         "opts": stage.command_opts(weights),

@@ -19,14 +19,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 
-from .detection_mapper import read_image_checked
+from .image_io import read_image_checked
 from .tokenizer import EOS_ID, MASK_ID, SOS_ID, CaptionTokenizer
 from .transforms import (
     CenterCrop,
@@ -55,6 +55,14 @@ def build_caption_augmentations(cfg, is_train: bool) -> list[T.Augmentation]:
     if j.PROBABILITY > 0:
         augs.append(ColorJitter(j.BRIGHTNESS, j.CONTRAST, j.SATURATION, j.HUE, j.PROBABILITY))
     return augs
+
+
+def eval_image_tensor(image: np.ndarray, augmentations: Sequence[T.Augmentation]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> the model's (3, S, S) uint8 input after the eval augmentations, as
+    :class:`CaptionDatasetMapper` prepares it for evaluation."""
+    aug_input = T.AugInput(image)
+    T.AugmentationList(list(augmentations))(aug_input)
+    return torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
 
 
 MLM_RULES = ("reference", "bert")

@@ -13,6 +13,9 @@
   a non-image, an image above Pillow's ``MAX_IMAGE_PIXELS`` bomb limit) becomes an
   :class:`UnreadableImageError` naming the file and the reason, which the training loaders
   count as a bad sample and the captioning tools list as skipped.
+
+:func:`read_image_checked` is the same decoding in a Detectron2 ``INPUT.FORMAT`` (what the
+caption mapper reads training and shard images with).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import logging
 import os
 
 import numpy as np
+from detectron2.data import detection_utils as utils
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -107,3 +111,18 @@ def load_image_rgb(path: str, data: bytes | None = None) -> np.ndarray:
     # struct.error, DecompressionBombError, ...); all mean "this file is not usable".
     except Exception as e:
         raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
+
+
+def read_image_checked(file_name: str, image_format: str, data: bytes | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 in ``image_format`` ("RGB" or "BGR"), decoded by :func:`load_image_rgb`;
+    other formats use Detectron2's reader (``L``, ``YUV-BT.601``), which has its own conversion
+    rules. ``data``: the encoded image (from a shard) instead of the file ``file_name``."""
+    if image_format not in ("RGB", "BGR"):
+        if data is None:
+            return utils.read_image(file_name, format=image_format)
+        # read_image opens paths only; the same two steps on the bytes.
+        with Image.open(io.BytesIO(data)) as image:
+            image = utils._apply_exif_orientation(image)
+            return utils.convert_PIL_to_numpy(image, image_format)
+    image = load_image_rgb(file_name, data)
+    return np.ascontiguousarray(image[:, :, ::-1]) if image_format == "BGR" else image

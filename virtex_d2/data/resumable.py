@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from detectron2.data.build import trivial_batch_collator
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 
@@ -188,10 +189,6 @@ class _PositionDataset(torch.utils.data.Dataset):
         return {FAILED_KEY: skipped, "traceback": first_traceback or ""}
 
 
-def _collate(batch: list[dict]) -> list[dict]:
-    return batch
-
-
 class ResumableTrainLoader:
     """An iterable of training batches (lists of dicts) that can start at any iteration.
 
@@ -237,7 +234,7 @@ class ResumableTrainLoader:
             _PositionDataset(self.records, self.mapper, stream, self.seed),
             batch_sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=_collate,
+            collate_fn=trivial_batch_collator,
             # Without its own generator, creating the iterator would draw from torch's global
             # generator and shift the dropout masks of a resumed run.
             generator=torch.Generator().manual_seed(self.seed),

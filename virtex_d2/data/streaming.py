@@ -29,6 +29,7 @@ import traceback
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from detectron2.data.build import trivial_batch_collator
 from detectron2.utils import comm
 
 from .resumable import MAX_ATTEMPTS, derive_seed, seeded_rng
@@ -179,10 +180,6 @@ class _StreamingDataset(torch.utils.data.IterableDataset):
         return self.batches((self.start_iter + info.id) % self.streams)
 
 
-def _identity(item: Any) -> Any:
-    return item
-
-
 class StreamingTrainLoader:
     """Iterable of training batches (lists of mapped dicts) from shards; resumable.
 
@@ -238,7 +235,9 @@ class StreamingTrainLoader:
             positions=self.positions, start_iter=self.start_iter,
         )
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+            # The dataset yields whole batches; the collator passes them through untouched.
+            dataset, batch_size=None, num_workers=self.num_workers,
+            collate_fn=trivial_batch_collator,
             # See ResumableTrainLoader: keep torch's global generator (dropout) untouched.
             generator=torch.Generator().manual_seed(self.seed),
             worker_init_fn=keep_freed_memory,

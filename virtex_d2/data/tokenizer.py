@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -145,3 +145,31 @@ class CaptionTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+
+def word_spans(tokenizer: CaptionTokenizer, tokens: Sequence[int]) -> list[tuple[str, list[int]]]:
+    """Group a caption's token ids into words: [(word, positions in ``tokens``), ...].
+
+    A piece starting with "▁" (Metaspace) begins a word; other pieces continue it. Special ids
+    are dropped (decoding drops them too), and a bare "▁" piece joins the following word, so
+    the words equal ``tokenizer.decode(tokens).split()``.
+    """
+    groups: list[list[int]] = []
+    for pos, tok in enumerate(tokens):
+        if int(tok) < len(SPECIAL_TOKENS):
+            continue
+        if not groups or tokenizer.id_to_token(tok).startswith(WORD_START):
+            groups.append([pos])
+        else:
+            groups[-1].append(pos)
+    spans: list[tuple[str, list[int]]] = []
+    carry: list[int] = []
+    for group in groups:
+        positions = carry + group
+        word = tokenizer.decode([tokens[p] for p in positions]).strip()
+        if word:
+            spans.append((word, positions))
+            carry = []
+        else:  # a bare "▁": its text (and attention) belong to the next word
+            carry = positions
+    return spans

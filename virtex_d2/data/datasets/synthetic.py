@@ -29,25 +29,27 @@ frequent (>100 images), common and rare categories, all of which also occur in v
 This module builds the annotations, writes the splits and generates the dataset on demand;
 scenes are drawn by ``synthetic_scene`` and captioned by ``synthetic_captions``.
 """
+import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from typing import Any, Dict, List
 
 import numpy as np
+import portalocker
 import pycocotools.mask as mask_util
+from iopath.common.file_io import file_lock
 from PIL import Image
 
 # Re-exported names (COLOURS, SHAPE_PLURALS, ...) keep imports from this module working.
 from .synthetic_captions import SHAPE_PLURALS, make_captions  # noqa: F401
 from .synthetic_scene import (  # noqa: F401
+    _WEIGHTS,
     COCO_CATEGORIES,
     COLOURS,
     LVIS_CATEGORY_NAMES,
     SHAPE_NAMES,
-    _WEIGHTS,
     _bbox_of,
     _make_image,
     _outline_polygons,
@@ -323,82 +325,50 @@ def is_synthetic_dataset_complete(root: str) -> bool:
         return False
 
 
-def _lock_is_stale(lock_dir: str) -> bool:
-    """A lock is stale when its owner ran on this host and is gone, or when it got no owner
-    file within a minute (its creator died right after mkdir)."""
-    try:
-        with open(os.path.join(lock_dir, "owner")) as f:
-            host, pid = f.read().split()
-    except (OSError, ValueError):
-        try:
-            return time.time() - os.path.getmtime(lock_dir) > 60
-        except OSError:
-            return False  # the lock is gone: the caller simply retries
-    if host != socket.gethostname():
-        return False  # cannot tell from here; ensure_synthetic_dataset's timeout applies
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        pass
-    return False
-
-
-def _remove_lock(lock_dir: str) -> None:
-    for remove, path in ((os.remove, os.path.join(lock_dir, "owner")), (os.rmdir, lock_dir)):
-        try:
-            remove(path)
-        except FileNotFoundError:
-            pass
-
-
 def ensure_synthetic_dataset(root: str, wait_timeout_s: float = 900.0) -> str:
     """Generate the synthetic dataset with the default arguments under ``root`` unless a
     complete one is there; returns ``root``.
 
-    Several processes (e.g. the ranks of one job) may call this at once: the lock directory
-    ``<root>.lock``, created by the atomic ``mkdir``, lets one of them generate while the
-    others wait for the completion marker. An interrupted generation has no marker and is
-    redone; a lock left by a dead process on this host is removed.
+    Several processes (e.g. the ranks of one job) may call this at once: iopath's
+    ``file_lock`` on ``<root>.lock`` lets one of them generate while the others wait, then
+    find the completion marker and reuse the files. An interrupted generation has no marker
+    and is redone; the operating system frees the lock of a process that died, so its lock
+    file does not block anyone.
     """
     if is_synthetic_dataset_complete(root):
         return root
-    lock_dir = os.path.abspath(root).rstrip(os.sep) + ".lock"
-    os.makedirs(os.path.dirname(lock_dir), exist_ok=True)
-    deadline = time.monotonic() + wait_timeout_s
-    while True:
-        try:
-            os.mkdir(lock_dir)
-            break
-        except FileExistsError:
-            if is_synthetic_dataset_complete(root):
-                return root
-            if _lock_is_stale(lock_dir):
-                logger.warning("Removing the stale lock %s of an interrupted generation", lock_dir)
-                _remove_lock(lock_dir)
-            elif time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"Waited {wait_timeout_s:.0f}s for another process to generate the "
-                    f"synthetic dataset under {root}. If no process is generating it, delete "
-                    f"{lock_dir} and retry."
-                )
-            else:
-                time.sleep(0.5)
+    path = os.path.abspath(root).rstrip(os.sep)
+    lock_path = path + ".lock"
+    left_behind = os.path.exists(lock_path)
+    lock = file_lock(path)
     try:
-        with open(os.path.join(lock_dir, "owner"), "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
-        if not is_synthetic_dataset_complete(root):  # another process may have just finished
-            logger.info(
-                "Synthetic dataset not found in %s: generating it there (%d train / %d val "
-                "images of %d px)",
-                os.path.abspath(root),
-                DEFAULT_NUM_TRAIN,
-                DEFAULT_NUM_VAL,
-                DEFAULT_IMAGE_SIZE,
-            )
-            summary = generate_synthetic_dataset(root)
-            logger.info("Generated the synthetic dataset in %.1fs", summary["seconds"])
+        lock.acquire(timeout=wait_timeout_s, check_interval=0.5, fail_when_locked=False)
+    # portalocker 2.x raises LockException when the wait runs out, newer ones AlreadyLocked.
+    except portalocker.LockException as e:
+        raise TimeoutError(
+            f"Could not take the lock {lock_path} within {wait_timeout_s:.0f}s: another process "
+            f"is generating the synthetic dataset under {root}; if it is stuck, stop it and "
+            f"retry ({type(e).__name__}: {e})"
+        ) from e
+    try:
+        if is_synthetic_dataset_complete(root):  # another process generated it meanwhile
+            return root
+        if left_behind:
+            logger.warning("Ignoring the stale lock %s of an interrupted generation", lock_path)
+        logger.info(
+            "Synthetic dataset not found in %s: generating it there (%d train / %d val "
+            "images of %d px)",
+            os.path.abspath(root),
+            DEFAULT_NUM_TRAIN,
+            DEFAULT_NUM_VAL,
+            DEFAULT_IMAGE_SIZE,
+        )
+        summary = generate_synthetic_dataset(root)
+        logger.info("Generated the synthetic dataset in %.1fs", summary["seconds"])
+        # Removed while still held: a process blocked on this file then finds the marker,
+        # and a later one never needs a lock. After a failure the file stays, harmless.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock_path)
     finally:
-        _remove_lock(lock_dir)
+        lock.release()
     return root
