@@ -20,9 +20,6 @@ TOOLS = 3
 # The package's own __init__ registers datasets and models when ``virtex_d2`` is imported: it
 # sits with the middle layer, so importing the package never pulls in the engine.
 ROOT_LAYER = 1
-# virtex_d2/classification is being moved into the layers above by another change; its files
-# are checked at their new places, and until then neither it nor imports of it are judged.
-PENDING = {"classification"}
 
 
 def module_name(path: Path) -> str:
@@ -69,8 +66,6 @@ def layer_of(module: str) -> Optional[int]:
         return None
     if len(parts) == 1:
         return ROOT_LAYER
-    if parts[1] in PENDING:
-        return None
     return LAYERS[parts[1]]
 
 
@@ -92,12 +87,11 @@ def upward_imports(path: Path, source: Optional[str] = None) -> list[str]:
 def test_every_part_of_the_package_has_a_layer():
     parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
              if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))}
-    assert parts - {"__init__"} - PENDING == set(LAYERS)
+    assert parts - {"__init__"} == set(LAYERS)
 
 
 def test_no_module_imports_a_layer_above_its_own():
-    files = [p for p in PACKAGE.rglob("*.py")
-             if p.relative_to(PACKAGE).parts[0] not in PENDING]
+    files = list(PACKAGE.rglob("*.py"))
     assert len(files) > 40
     problems = [line for path in sorted(files) for line in upward_imports(path)]
     assert not problems, "imports pointing up a layer:\n" + "\n".join(problems)
