@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import nn
-
 from helpers import SHARED
+from torch import nn
 
 PARITY = SHARED / "reference-parity"
 

@@ -20,8 +20,9 @@ def test_versions_are_current():
 
 def test_detectron2_modeling_imports_without_monkeypatching():
     import detectron2.modeling  # noqa: F401
-    import virtex_d2  # noqa: F401
     from PIL import Image
+
+    import virtex_d2  # noqa: F401
 
     # The fixes live inside the detectron2 build; the user's numpy/PIL stay untouched.
     assert not hasattr(Image, "LINEAR")

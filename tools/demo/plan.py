@@ -29,7 +29,7 @@ class Schedule:
 
 # Quick: the configs as they are (see the comments in configs/demo/*.yaml for the budget).
 # Full: 2.5x the pretraining, 2x the fine-tuning (steps scaled alike), three seeds.
-# Smoke: a few iterations on a tiny dataset, to test the machinery (tests/test_demo.py).
+# Smoke: a few iterations on a tiny dataset, to test the machinery (tests/tools/test_demo.py).
 _SMOKE_FT = (
     "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "1",

@@ -22,7 +22,7 @@ LVIS protocol (official ``lvis`` package, LVISResults + LVISEval) and how it is 
       unmatched detections of a ``not_exhaustive_category_ids`` category ignored:
       ``COCOeval(..., lvis_style=True)``;
     - APr / APc / APf from category ``frequency``: :func:`summarize_precision`.
-All of it is checked against the official evaluator in tests/test_coco_lvis_eval.py.
+All of it is checked against the official evaluator in tests/evaluation/test_coco_lvis_eval.py.
 
 faster-coco-eval, which did this before, is no longer used here: hotcoco covers every piece
 (COCO and LVIS matching, the per-image LVIS cap, mask areas), so it stays only as the middle

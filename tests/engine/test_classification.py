@@ -1,6 +1,5 @@
 """Classification transfer: datasets, mapper, ImageClassifier (linear probe / fine-tuning),
 evaluator, VOC07 SVM protocol and tool (with its feature cache), configs."""
-import importlib.util
 import json
 import uuid
 import xml.etree.ElementTree as ET
@@ -16,7 +15,7 @@ from detectron2.data.datasets import register_pascal_voc
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from detectron2.utils.events import EventStorage
-from helpers import REPO
+from helpers import REPO, load_tool
 from PIL import Image, ImageDraw
 from torch import nn
 
@@ -471,11 +470,7 @@ def test_svm_test_ap_ignores_difficult_only_images():
 
 
 def _load_tool():
-    path = REPO / "tools" / "eval_voc07_svm.py"
-    spec = importlib.util.spec_from_file_location("eval_voc07_svm", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("eval_voc07_svm")
 
 
 def test_voc07_svm_tool_beats_chance_and_caches_features(tmp_path, monkeypatch):

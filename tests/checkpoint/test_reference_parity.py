@@ -21,10 +21,10 @@ import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from PIL import Image
-
 from helpers import REPO
+from PIL import Image
 from reference_fixture import PARITY, rebuild_parity_checkpoint, reference_style_state_dict
+
 from virtex_d2 import add_virtex_config
 from virtex_d2.checkpoint.reference import ReferenceImportError, translate_config
 from virtex_d2.engine.reference_import import import_reference

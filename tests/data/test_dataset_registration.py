@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from helpers import needs_coco_tiny
+from helpers import COCO_TINY, needs_coco_tiny
 from iopath.common.file_io import file_lock
 
 import virtex_d2
@@ -28,7 +28,6 @@ from virtex_d2.data.datasets.synthetic import LVIS_CATEGORY_NAMES, MARKER_NAME
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )
-COCO_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_tiny"
 SYNTHETIC = [f"synthetic_{k}_{s}" for k in ("captions", "coco", "lvis") for s in ("train", "val")]
 
 

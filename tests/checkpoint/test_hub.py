@@ -1,14 +1,13 @@
 """Sharing backbones (README "Sharing backbones"): hubconf.py entry points and
 ``tools/convert_to_d2.py --to torchvision`` give torchvision ResNets computing the same features
 as the Detectron2 / VirTex backbone they come from."""
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 import torch
 import torchvision
-from helpers import REPO
+from helpers import REPO, load_tool
 from test_convert import FakeVirTex, randomise_norms_
 
 from virtex_d2.checkpoint.convert import convert_checkpoint, save_d2_checkpoint
@@ -22,11 +21,7 @@ def hub(name: str, weights=None) -> torch.nn.Module:
 
 
 def convert_tool():
-    path = REPO / "tools" / "convert_to_d2.py"
-    spec = importlib.util.spec_from_file_location("convert_to_d2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_to_d2")
 
 
 @pytest.fixture(scope="module")

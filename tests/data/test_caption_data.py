@@ -12,7 +12,10 @@ from PIL import Image
 from virtex_d2.data.caption_mapper import CaptionDatasetMapper, mask_tokens
 from virtex_d2.data.tokenizer import EOS_ID, MASK_ID, SOS_ID, CaptionTokenizer, train_vocabulary
 from virtex_d2.data.transforms import (
-    ColorJitter, RandomResizedCrop, swap_left_right, was_flipped,
+    ColorJitter,
+    RandomResizedCrop,
+    swap_left_right,
+    was_flipped,
 )
 
 

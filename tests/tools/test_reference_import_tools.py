@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import REPO
 from reference_fixture import PARITY, rebuild_parity_checkpoint
 

@@ -1,6 +1,5 @@
 """Caption metrics, CaptioningEvaluator and tools/eval_captions.py against the official toolkit."""
 
-import importlib.util
 import json
 import math
 import uuid
@@ -8,8 +7,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pytest
-
 from detectron2.data import DatasetCatalog
+from helpers import SHARED, load_tool
 
 from virtex_d2.evaluation import caption_metrics as cm
 from virtex_d2.evaluation.caption_metrics import (
@@ -20,8 +19,6 @@ from virtex_d2.evaluation.caption_metrics import (
 )
 from virtex_d2.evaluation.captioning import RESULTS_FILE_NAME, CaptioningEvaluator
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 CAPTIONS_JSON = SHARED / "data" / "coco_tiny" / "annotations" / "captions_subset.json"
 # Metrics that need only the tokenizer's JVM: keeps tests that do not exercise METEOR fast.
 FAST = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
@@ -250,10 +247,7 @@ def test_evaluator_rejects_dataset_without_captions(tmp_path):
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("eval_captions", REPO / "tools/eval_captions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("eval_captions")
 
 
 @needs_java

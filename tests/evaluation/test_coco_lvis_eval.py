@@ -21,7 +21,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_lvis_instances
 from detectron2.structures import Boxes, BoxMode, Instances
-from helpers import load_tool
+from helpers import SHARED, load_tool
 
 from virtex_d2.evaluation import FastCOCOEvaluator, FastLVISEvaluator
 from virtex_d2.evaluation.fast_cocoeval import (
@@ -35,8 +35,6 @@ from virtex_d2.evaluation.fast_cocoeval import (
 # every mask; thousands of identical warnings would bury real ones.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 COCO_TINY_VAL = SHARED / "data" / "coco_tiny" / "annotations" / "instances_val2017.json"
 TOL = 1e-4  # percent
 

@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 from helpers import REPO
 
 import virtex_d2
+from virtex_d2.config import ConfigError, add_virtex_config, merge_config_checked
 from virtex_d2.engine.checkpoint import (
     CheckpointWriteError,
     UnsafeCheckpointError,
@@ -22,7 +23,6 @@ from virtex_d2.engine.checkpoint import (
     WeightsMismatchError,
     build_checkpointer,
 )
-from virtex_d2.config import ConfigError, add_virtex_config, merge_config_checked
 from virtex_d2.engine.hooks import NonFiniteLossError
 
 CAPTIONING = str(REPO / "configs" / "synthetic" / "captioning_R_18.yaml")

@@ -9,9 +9,8 @@ import os
 import subprocess
 import sys
 
-from helpers import load_tool
+from helpers import REPO, load_tool
 from test_coco_lvis_eval import (
-    REPO,
     _assert_metrics_equal,
     official_lvis_metrics,
 )

@@ -1,5 +1,4 @@
 """Captioning image files and per-word attention maps (caption_images, visualize_attention)."""
-import importlib.util
 import io
 import json
 import re
@@ -10,7 +9,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from helpers import COCO_TINY, REPO, make_tokenizer, needs_coco_tiny, virtex_cfg
+from helpers import COCO_TINY, load_tool, make_tokenizer, needs_coco_tiny, virtex_cfg
 from PIL import Image
 
 from virtex_d2.data.image_io import UnreadableImageError, list_image_files, load_image_rgb
@@ -21,11 +20,6 @@ from virtex_d2.modeling.attention import combine_attention
 LAYERS = 2
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +147,7 @@ def test_caption_images_tool_skips_bad_files(trained, tmp_path, capsys, caplog):
     folder = tmp_path / "images"
     good, bad = make_mixed_folder(folder)
     out = tmp_path / "out" / "preds.json"
-    tool = _load_tool("caption_images")
+    tool = load_tool("caption_images")
     argv = ["--config-file", str(trained["config"]), "--weights", str(trained["weights"]),
             "--input", str(folder), "--output", str(out), "--batch-size", "3"]
     with caplog.at_level("WARNING"):
@@ -178,7 +172,7 @@ def test_caption_images_tool_skips_bad_files(trained, tmp_path, capsys, caplog):
 
 
 def test_caption_images_tool_errors(trained, tmp_path, capsys):
-    tool = _load_tool("caption_images")
+    tool = load_tool("caption_images")
     base = ["--config-file", str(trained["config"]), "--weights", str(trained["weights"]),
             "--output", str(tmp_path / "p.json")]
     assert tool.main(base + ["--input", str(tmp_path / "nothing*.jpg")]) == 1
@@ -309,7 +303,7 @@ def test_word_spans_special_and_bare_pieces(tokenizer):
 
 @needs_coco_tiny
 def test_visualize_attention_tool(trained, tmp_path, capsys):
-    tool = _load_tool("visualize_attention")
+    tool = load_tool("visualize_attention")
     image = sorted((COCO_TINY / "val2017").glob("*.jpg"))[2]
     out = tmp_path / "attention"
     argv = ["--config-file", str(trained["config"]), "--weights", str(trained["weights"]),

@@ -11,7 +11,7 @@ import yaml
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_pascal_voc
-from detectron2.layers import ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.structures import Boxes, Instances, PolygonMasks
@@ -19,8 +19,6 @@ from detectron2.utils.events import EventStorage
 from helpers import REPO
 from PIL import Image
 from torch import nn
-
-from detectron2.layers import FrozenBatchNorm2d
 
 import virtex_d2
 from virtex_d2.checkpoint.convert import convert_checkpoint, save_d2_checkpoint

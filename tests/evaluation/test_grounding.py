@@ -6,7 +6,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from helpers import REPO, make_tokenizer, tiny_textual_head_opts, virtex_cfg
+from helpers import load_tool, make_tokenizer, tiny_textual_head_opts, virtex_cfg
 
 from virtex_d2.data.tokenizer import EOS_ID, SOS_ID
 from virtex_d2.evaluation.grounding import measure_grounding, rotation
@@ -85,12 +85,7 @@ def test_grounding_refuses_a_classification_model():
 
 
 def test_check_grounding_tool_on_the_synthetic_val_split(synthetic, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("check_grounding",
-                                                  REPO / "tools" / "check_grounding.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("check_grounding")
 
     cfg = virtex_cfg("bicaptioning")
     cfg.merge_from_list(tiny_textual_head_opts(synthetic) + [

@@ -1,6 +1,5 @@
 """Backbone conversion: converted weights load completely into R-FPN and R-C4 models and give the
 same features as the source network (torchvision, reference VirTex and our own layouts)."""
-import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -13,7 +12,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
-from helpers import REPO, make_tokenizer, virtex_cfg
+from helpers import REPO, load_tool, make_tokenizer, virtex_cfg
 from torch import nn
 
 import virtex_d2
@@ -297,11 +296,7 @@ def test_real_virtex_model_checkpoint_converts(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------ refusal and I/O
 def cli_main(argv: list) -> int:
-    path = REPO / "tools" / "convert_to_d2.py"
-    spec = importlib.util.spec_from_file_location("convert_to_d2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_tool("convert_to_d2").main(argv)
 
 
 def test_missing_tensor_is_refused_with_its_name(tmp_path, capsys):
