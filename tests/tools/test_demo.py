@@ -29,18 +29,53 @@ def tiny_root(tmp_path, monkeypatch):
     register_all_virtex_datasets()
 
 
-def test_smoke_demo_end_to_end_then_reused(tiny_root, tmp_path, capsys):
-    from demo.pipeline import main
+def _stage(tmp_path):
+    return P.TrainStage("finetune/coco/random/seed1", "configs/demo/mask_rcnn_R_18_FPN.yaml",
+                        ["SEED", "1"], str(tmp_path / "stage"))
 
+
+class _FakeRunner(Runner):
+    """Records the command instead of training; writes what train_net would. A run given
+    weights reports AP 5/4 (box/mask), one from random init 3/2, so results can be told apart."""
+
+    def _execute(self, cmd, output_dir, tag):
+        self.commands.append(cmd)
+        weights = cmd[cmd.index("MODEL.WEIGHTS") + 1] if "MODEL.WEIGHTS" in cmd else ""
+        box, mask = (5.0, 4.0) if weights else (3.0, 2.0)
+        with open(os.path.join(output_dir, "metrics.json"), "a") as f:
+            f.write(json.dumps({"iteration": 1, "total_loss": 2.0}) + "\n")
+            f.write(json.dumps({"iteration": 2, "bbox/AP": box, "segm/AP": mask,
+                                "segm/APr": 1.0, "segm/APc": 1.0, "segm/APf": 1.0}) + "\n")
+        return 1.5
+
+
+def test_smoke_demo_end_to_end_then_reused(tiny_root, tmp_path, capsys, monkeypatch):
+    """One real stage (pretraining, then its conversion, captions and grounding check); the
+    fine-tunes go through a fake runner, which is enough to test their plumbing."""
+    from demo import pipeline
+
+    real_init = pipeline.Demo.__init__
+    fakes = []
+
+    def with_fake_finetunes(self, args, repo):
+        real_init(self, args, repo)
+        self.parallel = _FakeRunner(repo, threads=1)
+        self.parallel.commands = []
+        fakes.append(self.parallel)
+
+    monkeypatch.setattr(pipeline.Demo, "__init__", with_fake_finetunes)
     out = tmp_path / "demo"
-    assert main(["--smoke", "--output", str(out)], repo=str(REPO)) == 0
+    assert pipeline.main(["--smoke", "--output", str(out)], repo=str(REPO)) == 0
     first = capsys.readouterr().out
     assert "pretrain/bicaptioning] starting" in first and " iter: " in first
+    assert len(fakes[0].commands) == 4  # COCO and LVIS, from VirTex and from random init
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"virtex", "random", "seeds"}
     for init in ("virtex", "random"):
         assert RESULT_KEYS <= set(results[init])
         assert all(isinstance(results[init][k], float) for k in RESULT_KEYS)
+    assert (results["virtex"]["coco_bbox_AP"], results["random"]["coco_bbox_AP"]) == (5.0, 3.0)
+    assert (results["virtex"]["lvis_AP"], results["random"]["lvis_AP"]) == (4.0, 2.0)
     assert [s["seed"] for s in results["seeds"]] == [1]
     assert results["seeds"][0]["virtex"]["coco_bbox_AP"] == results["virtex"]["coco_bbox_AP"]
     report = (out / "report.md").read_text()
@@ -57,33 +92,19 @@ def test_smoke_demo_end_to_end_then_reused(tiny_root, tmp_path, capsys):
     # The VirTex fine-tune got the converted backbone, the random one no weights.
     virtex = json.loads((out / "finetune/coco/virtex/seed1" / MARKER).read_text())
     random = json.loads((out / "finetune/coco/random/seed1" / MARKER).read_text())
-    assert virtex["signature"]["opts"][:2] == [
-        "MODEL.WEIGHTS", str(out / "pretrain/bicaptioning/backbone_d2.pth")]
+    backbone = out / "pretrain/bicaptioning/backbone_d2.pth"
+    assert backbone.stat().st_size > 1_000_000  # converted from the real pretraining
+    assert virtex["signature"]["opts"][:2] == ["MODEL.WEIGHTS", str(backbone)]
     assert random["signature"]["opts"][:2] == ["MODEL.WEIGHTS", ""]
     # Identical otherwise (config, seed, schedule), up to the output directory.
     assert virtex["signature"]["config"] == random["signature"]["config"]
     assert virtex["signature"]["opts"][2:-1] == random["signature"]["opts"][2:-1]
     # A second run reuses every stage and reproduces the same results.
-    assert main(["--smoke", "--output", str(out)], repo=str(REPO)) == 0
+    assert pipeline.main(["--smoke", "--output", str(out)], repo=str(REPO)) == 0
     second = capsys.readouterr().out
     assert "starting" not in second and second.count("already finished") == 5
+    assert fakes[1].commands == []
     assert json.loads((out / "results.json").read_text()) == results
-
-
-def _stage(tmp_path):
-    return P.TrainStage("finetune/coco/random/seed1", "configs/demo/mask_rcnn_R_18_FPN.yaml",
-                        ["SEED", "1"], str(tmp_path / "stage"))
-
-
-class _FakeRunner(Runner):
-    """Records the command instead of training; writes what train_net would."""
-
-    def _execute(self, cmd, output_dir, tag):
-        self.commands.append(cmd)
-        with open(os.path.join(output_dir, "metrics.json"), "a") as f:
-            f.write(json.dumps({"iteration": 1, "total_loss": 2.0}) + "\n")
-            f.write(json.dumps({"iteration": 2, "bbox/AP": 5.0, "segm/AP": 4.0}) + "\n")
-        return 1.5
 
 
 def test_finished_stage_is_reused_and_half_finished_one_resumed(tmp_path):
