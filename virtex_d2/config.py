@@ -138,9 +138,16 @@ def add_virtex_config(cfg: CN) -> None:
     # Small, because captions name colours.
     _C.INPUT.VIRTEX.COLOR_JITTER.HUE = 0.1
     # False: resize like OpenCV's INTER_LINEAR (bilinear, no antialiasing), as the reference
-    # implementation's albumentations pipeline does; True: Pillow's antialiased bilinear.
-    # Applies to the random-resized crop and the evaluation resize.
+    # implementation's albumentations pipeline does; True: Pillow's antialiased bilinear (for
+    # the random-resized crop computed by torch's uint8 kernel, within one grey level of
+    # Pillow's). Applies to the random-resized crop and the evaluation resize.
     _C.INPUT.VIRTEX.RESIZE_ANTIALIAS = True
+    # Training crops of plain JPEGs (data/fast_decode.py): with RESIZE_ANTIALIAS, decode at
+    # 1/2, 1/4 or 1/8 scale in the DCT domain when the crop is at least twice CROP_SIZE in both
+    # sides, so it keeps the output resolution. Pixels differ slightly from a full decode (the
+    # DCT-domain downscale is a different low-pass filter), not the crop's geometry. False:
+    # always decode the whole image at full size.
+    _C.INPUT.VIRTEX.JPEG_DRAFT = True
     # Evaluation: resize the shorter side, then centre-crop a square.
     _C.INPUT.VIRTEX.TEST_RESIZE = 256
     _C.INPUT.VIRTEX.TEST_CROP_SIZE = 224

@@ -1,6 +1,7 @@
 """Tokenizer, augmentations and the caption dataset mapper."""
 import json
 import pickle
+import random
 
 import numpy as np
 import pytest
@@ -62,6 +63,7 @@ def test_missing_tokenizer_file_names_the_fix(tmp_path):
 
 def test_random_resized_crop_and_jitter_shapes():
     np.random.seed(0)
+    random.seed(0)
     img = np.random.randint(0, 255, (90, 130, 3), dtype=np.uint8)
     for _ in range(20):
         out = RandomResizedCrop(48).get_transform(img).apply_image(img)

@@ -29,15 +29,19 @@ import resource
 import time
 from typing import Dict, List, Optional
 
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from tabulate import tabulate
 
-import numpy as np
-
 import virtex_d2  # noqa: F401  (registers datasets and models)
 from virtex_d2.evaluation import FastLVISEvaluator
-from virtex_d2.evaluation.fast_cocoeval import LVIS_METRICS, evaluate_coco_json, load_gt, nan_to_none
+from virtex_d2.evaluation.fast_cocoeval import (
+    LVIS_METRICS,
+    evaluate_coco_json,
+    load_gt,
+    nan_to_none,
+)
 
 logger = logging.getLogger("benchmark_lvis")
 
