@@ -93,3 +93,18 @@ def load_tool(name: str):
             spec.loader.exec_module(module)
             return module
     raise FileNotFoundError(f"no tools/{name}.py or tools/benchmarks/{name}.py")
+
+
+def load_config(path, *opts):
+    """The one way tests build a config from a file: Detectron2's defaults, every virtex-d2
+    key, the file (absolute, or relative to ``configs/``), then ``KEY VALUE`` overrides; on the
+    CPU. Not frozen, so a test may still change it."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO / "configs" / path
+    cfg = get_cfg()
+    virtex_d2.add_virtex_config(cfg)
+    cfg.merge_from_file(str(path))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *[str(o) if not isinstance(o, str) else o
+                                                  for o in opts]])
+    return cfg

@@ -1,5 +1,4 @@
 """The installed environment: detectron2's Python-only build and its compatibility fixes."""
-import hashlib
 import importlib
 import subprocess
 import sys
@@ -81,15 +80,11 @@ def test_tampered_sdist_is_refused(tmp_path):
     assert "refusing" in proc.stderr and build_detectron2.SDIST_SHA256 in proc.stderr
 
 
-def test_sha256_check_accepts_the_pinned_digest(tmp_path, monkeypatch):
-    f = tmp_path / "x.tar.gz"
-    f.write_bytes(b"payload")
-    monkeypatch.setattr(build_detectron2, "SDIST_SHA256", hashlib.sha256(b"payload").hexdigest())
-    build_detectron2.verify_sdist(f)  # no exception
+def test_downloaded_sdist_matches_the_pinned_digest():
     cached = REPO / "build" / "detectron2" / build_detectron2.SDIST_NAME
-    if cached.exists():
-        monkeypatch.undo()
-        build_detectron2.verify_sdist(cached)
+    if not cached.exists():
+        pytest.skip(f"{cached} is not here (detectron2 was installed another way)")
+    build_detectron2.verify_sdist(cached)  # raises on a mismatch
 
 
 def test_pip_check_is_clean():

@@ -16,11 +16,10 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
-from helpers import REPO
+from helpers import REPO, load_config
 from PIL import Image
 from torch import nn
 
-import virtex_d2
 from virtex_d2.checkpoint.convert import convert_checkpoint, save_d2_checkpoint
 from virtex_d2.modeling.roi_heads import Res5ROIHeadsExtraNorm
 
@@ -35,18 +34,10 @@ IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 
 
-def load_cfg(path: Path):
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file(str(path))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
-
-
 # ------------------------------------------------------------------------------ merge and build
 @pytest.mark.parametrize("path", DETECTION + SYNTHETIC, ids=lambda p: p.name)
 def test_config_merges_builds_and_follows_the_common_protocol(path):
-    cfg = load_cfg(path)
+    cfg = load_config(path)
     model = build_model(cfg)  # R-50 models are only built, never run here
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 0
     assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
@@ -78,7 +69,7 @@ def test_leaf_sets_only_initialisation(path):
     if path.name == "lvis_mask_rcnn_R_50_FPN_2x_imagenet.yaml":
         allowed |= {"RESNETS", "FPN"}  # the reference's FrozenBN baseline, see its comment
     assert set(raw.get("MODEL", {})) <= allowed
-    cfg = load_cfg(path)
+    cfg = load_config(path)
     init = path.stem.rsplit("_", 1)[1]
     expected = {
         "random": "",
@@ -91,58 +82,15 @@ def test_leaf_sets_only_initialisation(path):
     assert cfg.MODEL.RESNETS.DEPTH == 50
 
 
-def test_protocol_specifics():
-    coco = load_cfg(REPO / "configs/detection/coco_mask_rcnn_R_50_FPN_2x_virtex.yaml")
-    assert (coco.SOLVER.MAX_ITER, tuple(coco.SOLVER.STEPS)) == (180000, (120000, 160000))
-    assert (coco.SOLVER.IMS_PER_BATCH, coco.SOLVER.BASE_LR) == (16, 0.02)
-    assert tuple(coco.INPUT.MIN_SIZE_TRAIN) == (640, 672, 704, 736, 768, 800)
-    assert coco.INPUT.MIN_SIZE_TEST == 800 and coco.MODEL.ROI_HEADS.NUM_CLASSES == 80
-
-    lvis = load_cfg(REPO / "configs/detection/lvis_mask_rcnn_R_50_FPN_2x_virtex.yaml")
-    assert lvis.MODEL.ROI_HEADS.NUM_CLASSES == 1203
-    assert lvis.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
-    assert lvis.DATALOADER.REPEAT_THRESHOLD == 0.001
-    assert lvis.TEST.DETECTIONS_PER_IMAGE == 300
-    assert lvis.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 1e-4
-    assert tuple(lvis.DATASETS.TRAIN) == ("lvis_v1_train",)
-    assert lvis.SOLVER.MAX_ITER == 180000
-
-    voc = load_cfg(REPO / "configs/detection/voc_faster_rcnn_R_50_C4_24k_virtex.yaml")
-    assert voc.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
-    assert (voc.SOLVER.MAX_ITER, tuple(voc.SOLVER.STEPS)) == (24000, (18000, 22000))
-    assert voc.SOLVER.WARMUP_ITERS == 100
-    assert tuple(voc.INPUT.MIN_SIZE_TRAIN) == tuple(range(480, 801, 32))
-    assert tuple(voc.DATASETS.TRAIN) == ("voc_2007_trainval", "voc_2012_trainval")
-    assert tuple(voc.DATASETS.TEST) == ("voc_2007_test",)
-    assert voc.MODEL.ROI_HEADS.NUM_CLASSES == 20
-
-
 @pytest.mark.parametrize("path", SYNTHETIC, ids=lambda p: p.name)
 def test_synthetic_num_classes_match_registered_dataset(path):
-    cfg = load_cfg(path)
+    cfg = load_config(path)
     name = cfg.DATASETS.TRAIN[0]
     if name not in DatasetCatalog.list():
         pytest.skip(f"{name} is not registered (yet)")
     classes = MetadataCatalog.get(name).get("thing_classes")
     assert classes is not None, f"{name} has no thing_classes metadata"
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == len(classes)
-
-
-# ------------------------------------------------------------------------------ SyncBN on CPU
-def test_syncbn_is_plain_batchnorm_in_a_single_process():
-    """nn.SyncBatchNorm only synchronises inside an initialised process group (torch's
-    forward checks torch.distributed.is_initialized()); alone it must equal BatchNorm2d."""
-    assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    sync, plain = nn.SyncBatchNorm(8).train(), nn.BatchNorm2d(8).train()
-    with torch.no_grad():
-        sync.weight.uniform_(0.5, 1.5)
-        sync.bias.normal_()
-    plain.load_state_dict(sync.state_dict())
-    x = torch.randn(4, 8, 6, 6) * 3 + 1
-    torch.testing.assert_close(sync(x), plain(x))
-    torch.testing.assert_close(sync.running_mean, plain.running_mean)
-    torch.testing.assert_close(sync.running_var, plain.running_var)
-    assert not torch.allclose(sync.running_mean, torch.zeros(8))  # batch statistics were used
 
 
 def _instances(h: int, w: int, n: int, g: torch.Generator, num_classes: int) -> Instances:
@@ -161,7 +109,7 @@ def _instances(h: int, w: int, n: int, g: torch.Generator, num_classes: int) -> 
 
 def test_synthetic_mask_rcnn_trains_with_syncbn_on_cpu():
     # The LVIS variant differs only in class count and sampling; it is built above.
-    cfg = load_cfg(REPO / "configs" / "synthetic" / "mask_rcnn_R_18_FPN.yaml")
+    cfg = load_config(REPO / "configs" / "synthetic" / "mask_rcnn_R_18_FPN.yaml")
     torch.manual_seed(0)
     model = build_model(cfg).train()
     g = torch.Generator().manual_seed(1)
@@ -245,7 +193,7 @@ def test_voc_c4_extra_norm_trains_two_iterations_from_converted_weights(tmp_path
     weights = tmp_path / "r18_d2.pth"
     save_d2_checkpoint(convert_checkpoint(str(src), "virtex_d2"), str(weights))
 
-    cfg = load_cfg(REPO / "configs/synthetic/voc_faster_rcnn_R_18_C4.yaml")
+    cfg = load_config(REPO / "configs/synthetic/voc_faster_rcnn_R_18_C4.yaml")
     cfg.merge_from_list([
         "MODEL.WEIGHTS", str(weights), "MODEL.ROI_HEADS.NUM_CLASSES", 20,
         "DATASETS.TRAIN", (name,), "DATASETS.TEST", (),

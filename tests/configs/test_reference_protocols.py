@@ -8,14 +8,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
-from helpers import REPO
+from helpers import REPO, load_config
 from torch import nn
 
-import virtex_d2
 from virtex_d2.data.classification_mapper import (
     build_classification_augmentations,
     build_eval_augmentations,
@@ -25,14 +23,6 @@ from virtex_d2.data.transforms import LinearResizeTransform, RandomResizedCrop, 
 from virtex_d2.solver import build_lr_scheduler
 
 CONFIGS = REPO / "configs"
-
-
-def load(path, *opts):
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file(str(CONFIGS / path))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return cfg
 
 
 def _apply(augs, image):
@@ -46,7 +36,7 @@ def _apply(augs, image):
 def test_voc07_svm_features_see_a_centre_crop_not_a_squashed_image():
     """Shorter side 256 then the central 224: a band at the far left of a wide image is cut
     away (squashing to 224 x 224 would keep it)."""
-    svm = load("classification/voc07_svm_R_50_virtex.yaml").TEST.VOC07_SVM
+    svm = load_config("classification/voc07_svm_R_50_virtex.yaml").TEST.VOC07_SVM
     image = np.full((300, 600, 3), 128, np.uint8)
     image[:, :100] = (255, 0, 0)
     out = _apply(build_eval_augmentations(svm.RESIZE_MODE, svm.RESIZE, svm.CROP_SIZE), image)
@@ -69,7 +59,7 @@ def _crop_fractions(augs, image, n=400):
                                     "classification/inat18_finetune_R_50_virtex.yaml"])
 def test_downstream_crops_sample_scale_from_0_08(config):
     random.seed(0)  # the crop box draws from Python's random
-    augs = build_classification_augmentations(load(config), is_train=True)
+    augs = build_classification_augmentations(load_config(config), is_train=True)
     frac = _crop_fractions(augs, np.zeros((400, 400, 3), np.uint8))
     assert frac.min() >= 0.08 - 0.01 and (frac < 0.2).mean() > 0.05
 
@@ -115,7 +105,7 @@ def _residual_last_norms(module: nn.Module):
     ("classification/voc07_svm_R_50_random.yaml", "backbone"),
 ])
 def test_random_init_baselines_zero_the_last_bn_of_each_residual_branch(config, where):
-    model = build_model(load(config))
+    model = build_model(load_config(config))
     module = model.get_submodule(where)
     norms = list(_residual_last_norms(module))
     assert len(norms) >= 3
@@ -127,12 +117,12 @@ def test_random_init_baselines_zero_the_last_bn_of_each_residual_branch(config, 
 
 
 def test_lvis_imagenet_baseline_freezes_bn_and_drops_the_fpn_norm():
-    model = build_model(load("detection/lvis_mask_rcnn_R_50_FPN_2x_imagenet.yaml"))
+    model = build_model(load_config("detection/lvis_mask_rcnn_R_50_FPN_2x_imagenet.yaml"))
     norms = [m for m in model.backbone.bottom_up.modules() if isinstance(m, nn.Module)
              and "norm" in type(m).__name__.lower()]
     assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
     assert model.backbone.fpn_lateral2.norm is None and model.backbone.fpn_output5.norm is None
-    virtex = build_model(load("detection/lvis_mask_rcnn_R_50_FPN_2x_virtex.yaml"))
+    virtex = build_model(load_config("detection/lvis_mask_rcnn_R_50_FPN_2x_virtex.yaml"))
     assert isinstance(virtex.backbone.fpn_lateral2.norm, nn.SyncBatchNorm)
 
 
@@ -142,7 +132,7 @@ def test_backbone_ablation_models_use_the_base_textual_head(config):
     from unittest import mock
 
     with mock.patch("virtex_d2.data.vocabulary.resolve_tokenizer", return_value=None):
-        model = build_model(load(config))
+        model = build_model(load_config(config))
     head = model.textual_head
     assert head.hidden_size == 1024 and len(head.transformer.layers) == 1
     assert head.transformer.layers[0].linear1.out_features == 4096
@@ -151,17 +141,17 @@ def test_backbone_ablation_models_use_the_base_textual_head(config):
 def test_multilabel_pretraining_drops_images_without_instances():
     records = [{"file_name": f"{i}.jpg", "labels": labels}
                for i, labels in enumerate([[1], [], [2, 3], []])]
-    cfg = load("synthetic/multilabel_classification_R_18.yaml")
+    cfg = load_config("synthetic/multilabel_classification_R_18.yaml")
     assert [r["file_name"] for r in drop_unlabelled_for_multilabel(cfg, records)] == [
         "0.jpg", "2.jpg"]
-    captioning = load("synthetic/bicaptioning_R_18.yaml")
+    captioning = load_config("synthetic/bicaptioning_R_18.yaml")
     assert drop_unlabelled_for_multilabel(captioning, records) == records
 
 
 def test_cosine_decay_is_counted_after_warmup():
     """Reference schedule: linear warm-up to the peak, then a cosine over the remaining steps
     (Detectron2's WarmupCosineLR would already have decayed by the end of warm-up)."""
-    cfg = load("pretrain/bicaptioning_R_50_L1_H1024.yaml", "SOLVER.MAX_ITER", "110",
+    cfg = load_config("pretrain/bicaptioning_R_50_L1_H1024.yaml", "SOLVER.MAX_ITER", "110",
                "SOLVER.WARMUP_ITERS", "10", "SOLVER.BASE_LR", "1.0")
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_lr_scheduler(cfg, opt)
@@ -177,7 +167,7 @@ def test_cosine_decay_is_counted_after_warmup():
 
 
 def test_schedule_that_never_leaves_warmup_is_refused():
-    cfg = load("synthetic/bicaptioning_R_18.yaml", "SOLVER.MAX_ITER", "30")
+    cfg = load_config("synthetic/bicaptioning_R_18.yaml", "SOLVER.MAX_ITER", "30")
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="SOLVER.WARMUP_ITERS"):
         build_lr_scheduler(cfg, opt)
@@ -203,7 +193,7 @@ def test_opencv_style_resize_does_not_antialias():
 def test_imported_reference_resize_is_used_by_the_caption_mapper():
     from virtex_d2.data.caption_mapper import build_caption_augmentations
 
-    cfg = load("synthetic/bicaptioning_R_18.yaml", "INPUT.VIRTEX.RESIZE_ANTIALIAS", "False")
+    cfg = load_config("synthetic/bicaptioning_R_18.yaml", "INPUT.VIRTEX.RESIZE_ANTIALIAS", "False")
     train = build_caption_augmentations(cfg, True)[0].get_transform(np.zeros((300, 400, 3),
                                                                               np.uint8))
     assert isinstance(train.transforms[1], LinearResizeTransform)

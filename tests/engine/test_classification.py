@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_pascal_voc
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from detectron2.utils.events import EventStorage
-from helpers import REPO, load_tool
+from helpers import REPO, load_config, load_tool
 from PIL import Image, ImageDraw
 from torch import nn
 
@@ -54,11 +53,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220)}
 
 
 def load_cfg(path: Path = SYN_CONFIGS[0], opts=()):
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file(str(path))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return load_config(path, *opts)
 
 
 def draw(rng: np.random.Generator, size: int, shapes) -> np.ndarray:
@@ -164,25 +159,9 @@ def test_config_merges_builds_and_follows_the_common_conventions(path):
                          else {"backbone", "classifier"})  # fmt: skip
 
 
-def test_protocols_match_the_paper():
+def test_linear_probe_schedule_starts_at_full_lr_and_halves_midway():
+    """The linear probe's schedule as the optimiser sees it: no warm-up, then cosine."""
     lin = load_cfg(REPO / "configs/classification/imagenet_linear_R_50_virtex.yaml")
-    assert (lin.SOLVER.BASE_LR, lin.SOLVER.WEIGHT_DECAY, lin.SOLVER.IMS_PER_BATCH) == (0.3, 0, 256)
-    assert lin.SOLVER.LR_SCHEDULER_NAME == "WarmupCosineLR" and lin.SOLVER.WARMUP_ITERS == 0
-    assert lin.SOLVER.MAX_ITER == 100 * (1281167 // 256)  # 100 epochs
-    assert lin.MODEL.CLASSIFIER.FREEZE_BACKBONE and lin.MODEL.CLASSIFIER.NUM_CLASSES == 1000
-    assert (lin.INPUT.CLASSIFICATION.TEST_RESIZE, lin.INPUT.CLASSIFICATION.TEST_CROP_SIZE) == (
-        256, 224)  # fmt: skip
-    nat = load_cfg(REPO / "configs/classification/inat18_finetune_R_50_virtex.yaml")
-    assert (nat.SOLVER.BASE_LR, nat.SOLVER.MAX_ITER) == (0.025, 171000)
-    assert nat.SOLVER.IMS_PER_BATCH == 256
-    assert tuple(nat.SOLVER.STEPS) == (119700, 153900)  # epochs 70 and 90 of 100
-    assert nat.SOLVER.WEIGHT_DECAY == nat.SOLVER.WEIGHT_DECAY_NORM == 1e-4
-    assert not nat.MODEL.CLASSIFIER.FREEZE_BACKBONE and nat.MODEL.CLASSIFIER.NUM_CLASSES == 8142
-    svm = load_cfg(REPO / "configs/classification/voc07_svm_R_50_virtex.yaml").TEST.VOC07_SVM
-    assert tuple(svm.COSTS) == (0.01, 0.1, 1.0, 10.0) and svm.CV_FOLDS == 3
-    assert (svm.POSITIVE_WEIGHT, svm.L2_NORMALIZE) == (2.0, True)
-    assert (svm.RESIZE_MODE, svm.RESIZE, svm.CROP_SIZE) == ("shorter", 256, 224)
-
     # No warmup, then cosine: full LR at the start, half of it midway (one tiny optimiser).
     lin.merge_from_list(["SOLVER.MAX_ITER", 100])
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lin.SOLVER.BASE_LR)

@@ -12,9 +12,8 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.engine import AMPTrainer, HookBase
 from detectron2.modeling import build_model
-from helpers import REPO
+from helpers import REPO, load_config
 
-import virtex_d2
 from virtex_d2.config import ConfigError, add_virtex_config, merge_config_checked
 from virtex_d2.engine.checkpoint import (
     CheckpointWriteError,
@@ -27,15 +26,6 @@ from virtex_d2.engine.hooks import NonFiniteLossError
 
 CAPTIONING = str(REPO / "configs" / "synthetic" / "captioning_R_18.yaml")
 MASK_RCNN = str(REPO / "configs" / "synthetic" / "mask_rcnn_R_18_FPN.yaml")
-
-
-def tiny_cfg(config, *opts):
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    add_virtex_config(cfg)
-    cfg.merge_from_file(config)
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def pretrain_opts(synthetic, out, iters=4, hidden=64):
@@ -59,7 +49,7 @@ def trained(synthetic, tmp_path_factory):
     from virtex_d2.engine.trainer import Trainer
 
     out = tmp_path_factory.mktemp("trained")
-    cfg = tiny_cfg(CAPTIONING, *pretrain_opts(synthetic, out))
+    cfg = load_config(CAPTIONING, *pretrain_opts(synthetic, out))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -195,10 +185,10 @@ def test_wrong_architecture_weights_are_an_error_naming_the_keys(synthetic, trai
     from virtex_d2.engine.trainer import Trainer
 
     # A detection model's weights into VirTex: the textual head would stay random.
-    det = build_model(tiny_cfg(MASK_RCNN, "MODEL.DEVICE", "cpu"))
+    det = build_model(load_config(MASK_RCNN, "MODEL.DEVICE", "cpu"))
     det_path = tmp_path / "mask_rcnn.pth"
     torch.save({"model": det.state_dict()}, det_path)
-    cfg = tiny_cfg(CAPTIONING, *pretrain_opts(synthetic, tmp_path / "a"),
+    cfg = load_config(CAPTIONING, *pretrain_opts(synthetic, tmp_path / "a"),
                    "MODEL.WEIGHTS", str(det_path))
     trainer = Trainer(cfg)
     with pytest.raises(WeightsMismatchError) as e:
@@ -209,7 +199,7 @@ def test_wrong_architecture_weights_are_an_error_naming_the_keys(synthetic, trai
     assert "roi_heads." in msg  # the checkpoint's own keys hint at what it is
 
     # A VirTex checkpoint of another width: shapes differ.
-    cfg = tiny_cfg(CAPTIONING, *pretrain_opts(synthetic, tmp_path / "b", hidden=32),
+    cfg = load_config(CAPTIONING, *pretrain_opts(synthetic, tmp_path / "b", hidden=32),
                    "MODEL.WEIGHTS", str(trained["final"]))
     model = build_model(cfg)
     with pytest.raises(WeightsMismatchError,
@@ -221,7 +211,7 @@ def test_wrong_architecture_weights_are_an_error_naming_the_keys(synthetic, trai
 def test_detection_needs_the_backbone_but_not_the_heads(trained, tmp_path):
     from virtex_d2.checkpoint import convert_checkpoint, save_d2_checkpoint
 
-    cfg = tiny_cfg(MASK_RCNN, "MODEL.DEVICE", "cpu")
+    cfg = load_config(MASK_RCNN, "MODEL.DEVICE", "cpu")
     model = build_model(cfg)
     # Unconverted pretraining checkpoint: its "backbone.res2..." names are not the FPN model's
     # "backbone.bottom_up.res2...", so the ResNet would silently stay random.
@@ -252,7 +242,7 @@ def test_resume_requires_every_parameter(trained, tmp_path):
 
 # ----------------------------------------------------------------------------- configs
 def test_bad_config_keys_and_types_give_clear_errors(tmp_path):
-    cfg = tiny_cfg(CAPTIONING)
+    cfg = load_config(CAPTIONING)
     with pytest.raises(ConfigError, match="unknown config key MODEL.VIRTEX.TEXTUAL_HEAD.HIDEN_SIZE"
                                           ". Did you mean MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE"):
         merge_config_checked(cfg.clone(), None, ["MODEL.VIRTEX.TEXTUAL_HEAD.HIDEN_SIZE", "64"])
@@ -281,10 +271,10 @@ def test_missing_tokenizer_and_wrong_vocab_size_fail_before_training(synthetic, 
     from virtex_d2.engine.trainer import Trainer
 
     opts = pretrain_opts(synthetic, tmp_path)
-    cfg = tiny_cfg(CAPTIONING, *opts, "MODEL.VIRTEX.TOKENIZER", str(tmp_path / "nope.json"))
+    cfg = load_config(CAPTIONING, *opts, "MODEL.VIRTEX.TOKENIZER", str(tmp_path / "nope.json"))
     with pytest.raises(FileNotFoundError, match="nope.json does not exist: build one with"):
         Trainer(cfg)
-    cfg = tiny_cfg(CAPTIONING, *opts, "MODEL.VIRTEX.VOCAB_SIZE", "999")
+    cfg = load_config(CAPTIONING, *opts, "MODEL.VIRTEX.VOCAB_SIZE", "999")
     with pytest.raises(ValueError, match="MODEL.VIRTEX.VOCAB_SIZE is 999 but the tokenizer"):
         Trainer(cfg)
 
@@ -293,7 +283,7 @@ def test_missing_tokenizer_and_wrong_vocab_size_fail_before_training(synthetic, 
 def test_nonfinite_loss_stops_naming_every_term_and_keeps_the_good_checkpoint(synthetic, tmp_path):
     from virtex_d2.engine.trainer import Trainer
 
-    cfg = tiny_cfg(CAPTIONING, *pretrain_opts(synthetic, tmp_path, iters=6))
+    cfg = load_config(CAPTIONING, *pretrain_opts(synthetic, tmp_path, iters=6))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
 
@@ -320,7 +310,7 @@ def test_amp_grad_scaler_state_is_checkpointed_and_restored(synthetic, tmp_path)
     """The AMP path needs CUDA to train; its scaler state plumbing is checked on CPU."""
     from virtex_d2.engine.trainer import Trainer
 
-    cfg = tiny_cfg(CAPTIONING, *pretrain_opts(synthetic, tmp_path))
+    cfg = load_config(CAPTIONING, *pretrain_opts(synthetic, tmp_path))
 
     def with_scaler(scale):
         t = Trainer(cfg)

@@ -85,7 +85,8 @@ def test_a_hung_rank_is_bounded_by_the_collective_timeout():
 def _trainer_worker(opts: list, fail_rank: int) -> None:
     from detectron2.engine import HookBase
     from detectron2.utils import comm
-    from test_hardening_checkpoint import CAPTIONING, tiny_cfg
+    from helpers import load_config
+    from test_hardening_checkpoint import CAPTIONING
 
     from virtex_d2.engine.trainer import Trainer
 
@@ -94,7 +95,7 @@ def _trainer_worker(opts: list, fail_rank: int) -> None:
             if self.trainer.iter == 2 and comm.get_rank() == fail_rank:
                 os._exit(1)
 
-    trainer = Trainer(tiny_cfg(CAPTIONING, *opts))
+    trainer = Trainer(load_config(CAPTIONING, *opts))
     trainer.resume_or_load(resume=False)
     trainer.register_hooks([DieAtTwo()])
     trainer.train()

@@ -8,12 +8,9 @@ from unittest import mock
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from helpers import REPO, tiny_textual_head_opts
-
-import virtex_d2
+from helpers import REPO, load_config, tiny_textual_head_opts
 
 VIRTEX_CONFIGS = sorted(
     glob.glob(str(REPO / "configs" / "pretrain" / "*.yaml"))
@@ -23,17 +20,9 @@ VIRTEX_CONFIGS = sorted(
 )
 
 
-def load_cfg(path, *opts):
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
 @pytest.mark.parametrize("path", VIRTEX_CONFIGS, ids=os.path.basename)
 def test_every_pretraining_config_merges_and_builds(path):
-    cfg = load_cfg(path, "MODEL.DEVICE", "cpu")
+    cfg = load_config(path, "MODEL.DEVICE", "cpu")
     assert cfg.MODEL.META_ARCHITECTURE == "VirTex"
     # The vocabulary files are data; the architecture must build without them.
     with mock.patch("virtex_d2.data.vocabulary.resolve_tokenizer", return_value=None):
@@ -97,7 +86,7 @@ def test_model_overfits_eight_images(synthetic):
     from virtex_d2.data.caption_mapper import CaptionDatasetMapper
 
     torch.manual_seed(0)
-    cfg = load_cfg(str(REPO / "configs" / "synthetic" / "captioning_R_18.yaml"),
+    cfg = load_config(str(REPO / "configs" / "synthetic" / "captioning_R_18.yaml"),
                    *small_opts(synthetic, "/nonexistent"))
     cfg.MODEL.VIRTEX.TEXTUAL_HEAD.DROPOUT = 0.0
     mapper = CaptionDatasetMapper(cfg, is_train=False)  # fixed crops and captions
@@ -121,7 +110,7 @@ def _ddp_worker(opts, out_dir):
 
     from virtex_d2.engine.trainer import Trainer
 
-    cfg = load_cfg(str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"), *opts)
+    cfg = load_config(str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"), *opts)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -138,7 +127,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(synthetic, tmp_path):
     launch(_ddp_worker, 2, args=(opts, str(tmp_path)))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    start = build_model(load_cfg(str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"),
+    start = build_model(load_config(str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"),
                                  *opts)).state_dict()
     params = [k for k in r0 if "running_" not in k and "num_batches" not in k]
     assert all(torch.equal(r0[k], r1[k]) for k in params)
@@ -167,7 +156,7 @@ def test_resume_continues_at_the_next_iteration_with_its_learning_rate(synthetic
 
     config = str(REPO / "configs" / "synthetic" / "captioning_R_18.yaml")
     full = _LRRecorder()
-    cfg = load_cfg(config, *small_opts(synthetic, tmp_path / "full", iters=6))
+    cfg = load_config(config, *small_opts(synthetic, tmp_path / "full", iters=6))
     t = Trainer(cfg)
     t.register_hooks([full.hook(t)])
     t.train()

@@ -5,13 +5,11 @@ import math
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.modeling import build_model
-from helpers import COCO_TINY, REPO, load_tool
+from helpers import COCO_TINY, REPO, load_config, load_tool
 
-import virtex_d2
 from virtex_d2.checkpoint.convert import convert_checkpoint, save_d2_checkpoint
 from virtex_d2.engine.trainer import Trainer
 
@@ -25,19 +23,11 @@ FAST = [
 ]
 
 
-def load(path, *opts):
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / path))
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def virtex_weights(synthetic, tmp_path_factory):
     """A VirTex bicaptioning R-18 checkpoint (as the trainer writes it), converted for D2."""
     out = tmp_path_factory.mktemp("virtex")
-    cfg = load("synthetic/bicaptioning_R_18.yaml", "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
+    cfg = load_config("synthetic/bicaptioning_R_18.yaml", "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
                "MODEL.VIRTEX.VOCAB_SIZE", str(synthetic["vocab_size"]))
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -52,7 +42,7 @@ def virtex_weights(synthetic, tmp_path_factory):
 
 
 def _finetune(config, weights, out_dir, *opts):
-    cfg = load(config, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(out_dir), *FAST, *opts)
+    cfg = load_config(config, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(out_dir), *FAST, *opts)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     return cfg, trainer
