@@ -242,3 +242,17 @@ class ResumableTrainLoader:
         )
         for batch in loader:
             yield self.tracker.consume(batch)
+
+
+def per_process_batch_and_seed(cfg) -> tuple[int, int]:
+    """``SOLVER.IMS_PER_BATCH`` split over the processes, and the loader's seed. A seed drawn
+    here (``SEED`` < 0) is the same on every rank and is stored in checkpoints, so a resumed
+    run reuses it."""
+    world = comm.get_world_size()
+    if cfg.SOLVER.IMS_PER_BATCH % world:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number "
+            f"of processes ({world})"
+        )
+    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    return cfg.SOLVER.IMS_PER_BATCH // world, seed

@@ -32,7 +32,7 @@ import torch
 from detectron2.data.build import trivial_batch_collator
 from detectron2.utils import comm
 
-from .resumable import MAX_ATTEMPTS, derive_seed, seeded_rng
+from .resumable import MAX_ATTEMPTS, derive_seed, per_process_batch_and_seed, seeded_rng
 from .shards import (
     assigned_shards,
     check_enough_shards,
@@ -258,16 +258,10 @@ def build_streaming_train_loader(cfg, mapper: Callable[[dict], Any]) -> Streamin
             "datasets/make_shards.py and list both shard patterns)"
         )
     urls = expand_shards(names)
-    world = comm.get_world_size()
-    if cfg.SOLVER.IMS_PER_BATCH % world:
-        raise ValueError(
-            f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number "
-            f"of processes ({world})"
-        )
-    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    batch_size, seed = per_process_batch_and_seed(cfg)
     logger.info("Streaming %d shard(s) of %s", len(urls), names)
     return StreamingTrainLoader(
-        urls, mapper, batch_size=cfg.SOLVER.IMS_PER_BATCH // world,
+        urls, mapper, batch_size=batch_size,
         num_workers=cfg.DATALOADER.NUM_WORKERS, seed=seed,
         max_bad_fraction=cfg.DATALOADER.VIRTEX_MAX_BAD_FRACTION,
         shuffle_buffer=cfg.DATALOADER.VIRTEX_SHUFFLE_BUFFER,

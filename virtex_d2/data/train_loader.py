@@ -12,9 +12,8 @@ from typing import Any, Callable, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.samplers import RepeatFactorTrainingSampler
-from detectron2.utils import comm
 
-from .resumable import ResumableTrainLoader
+from .resumable import ResumableTrainLoader, per_process_batch_and_seed
 from .shards import is_webdataset_name
 from .validation import (
     BadDataError,
@@ -122,14 +121,7 @@ def build_resumable_train_loader(
     if not records:
         raise BadDataError(f"no usable training records left in {list(cfg.DATASETS.TRAIN)}")
 
-    world = comm.get_world_size()
-    if cfg.SOLVER.IMS_PER_BATCH % world:
-        raise ValueError(
-            f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number "
-            f"of processes ({world})"
-        )
-    # A seed drawn here (SEED < 0) is stored in checkpoints, so a resumed run reuses it.
-    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    batch_size, seed = per_process_batch_and_seed(cfg)
     group_ids = None
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
         sizeless = next((r for r in records if "width" not in r or "height" not in r), None)
@@ -142,7 +134,7 @@ def build_resumable_train_loader(
     return ResumableTrainLoader(
         records,
         mapper,
-        batch_size=cfg.SOLVER.IMS_PER_BATCH // world,
+        batch_size=batch_size,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         seed=seed,
         repeat_factors=repeat_factors(cfg, records),
