@@ -108,3 +108,30 @@ def load_config(path, *opts):
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", *[str(o) if not isinstance(o, str) else o
                                                   for o in opts]])
     return cfg
+
+
+def sigkill_when_marker_appears(cmd: list, marker: Path, *, cwd, env, limit_s: float = 300) -> int:
+    """Start ``cmd``, wait for it to create ``marker`` (its way of saying "I am at the kill
+    point"), SIGKILL it there, and return its exit status (``-SIGKILL``). Fails the test if the
+    process exits first (with its stderr) or never gets there within ``limit_s``."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + limit_s
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return proc.returncode

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
-from helpers import REPO
+from helpers import REPO, sigkill_when_marker_appears
 from PIL import Image
 
 import virtex_d2
@@ -84,18 +83,11 @@ def test_sigkilled_classification_run_resumes_to_the_same_weights(synthetic, tmp
     marker = tmp_path / "frozen"
     child = KILLED_CHILD.format(tools=str(REPO / "tools"), kill_after=KILL_AFTER,
                                 marker=str(marker))  # fmt: skip
-    proc = subprocess.Popen(
+    returncode = sigkill_when_marker_appears(
         [sys.executable, "-c", child, "--config-file", FINETUNE, *opts(broken)],
-        cwd=REPO, env=env(synthetic), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run never reached the kill point"
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+        marker, cwd=REPO, env=env(synthetic),
+    )
+    assert returncode == -signal.SIGKILL
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"
     assert not (broken / "model_final.pth").exists()
 

@@ -4,10 +4,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import torch
-from helpers import REPO, tiny_textual_head_opts
+from helpers import REPO, sigkill_when_marker_appears, tiny_textual_head_opts
 
 CONFIG = str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml")
 ITERS, KILL_AFTER = 8, 4  # checkpoints after iterations 1, 3, 5, 7: killed between 3 and 5
@@ -68,18 +67,11 @@ def test_sigkilled_run_resumes_to_the_same_weights(synthetic, tmp_path):
     marker = tmp_path / "frozen"
     child = KILLED_CHILD.format(tools=str(REPO / "tools"), kill_after=KILL_AFTER,
                                 marker=str(marker))
-    proc = subprocess.Popen(
+    returncode = sigkill_when_marker_appears(
         [sys.executable, "-c", child, "--config-file", CONFIG, *opts(synthetic, broken)],
-        cwd=REPO, env=env(synthetic), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        marker, cwd=REPO, env=env(synthetic),
     )
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run never reached the kill point"
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert returncode == -signal.SIGKILL
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"
     assert not (broken / "model_final.pth").exists()
 

@@ -6,10 +6,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import torch
-from helpers import REPO, tiny_textual_head_opts
+from helpers import REPO, sigkill_when_marker_appears, tiny_textual_head_opts
 
 CONFIG = str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml")
 ITERS, KILL_AFTER = 7, 3  # checkpoints after iterations 1, 3, 5, 6: killed between 3 and 5
@@ -104,18 +103,12 @@ def test_sigkilled_run_on_shards_resumes_to_the_same_samples_and_weights(synthet
          *opts(synthetic, shards, full)])
 
     marker = tmp_path / "frozen"
-    proc = subprocess.Popen(
+    returncode = sigkill_when_marker_appears(
         [sys.executable, child_script(tmp_path, broken_log, KILL_AFTER), "--config-file", CONFIG,
          *opts(synthetic, shards, broken)],
-        cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        marker, cwd=REPO, env=env(),
     )
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run never reached the kill point"
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    assert returncode == -signal.SIGKILL
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"
     log = run([sys.executable, child_script(tmp_path, broken_log), "--config-file", CONFIG,
                "--resume", *opts(synthetic, shards, broken)])
