@@ -24,6 +24,7 @@ Only torch, torchvision and tqdm are needed (not Detectron2): the conversion mod
 from their files under a private package name, without importing the ``virtex_d2`` package
 (whose ``__init__`` registers Detectron2 components).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,15 +44,18 @@ _MODULES = ("io", "checkpoint.resnet_layout", "checkpoint.convert", "checkpoint.
 
 def _conversion_modules() -> types.SimpleNamespace:
     if f"{_HUB}.checkpoint.to_torchvision" not in sys.modules:
-        for pkg, path in ((_HUB, _PACKAGE), (f"{_HUB}.checkpoint",
-                                             os.path.join(_PACKAGE, "checkpoint"))):
+        for pkg, path in (
+            (_HUB, _PACKAGE),
+            (f"{_HUB}.checkpoint", os.path.join(_PACKAGE, "checkpoint")),
+        ):
             module = types.ModuleType(pkg)
             module.__path__ = [path]
             sys.modules[pkg] = module
         for name in _MODULES:
             full = f"{_HUB}.{name}"
             spec = importlib.util.spec_from_file_location(
-                full, os.path.join(_PACKAGE, *name.split(".")) + ".py")
+                full, os.path.join(_PACKAGE, *name.split(".")) + ".py"
+            )
             module = importlib.util.module_from_spec(spec)
             sys.modules[full] = module  # dataclasses resolve their module through sys.modules
             spec.loader.exec_module(module)
@@ -70,8 +74,10 @@ def _feature_extractor(arch: str, weights: str | None) -> torch.nn.Module:
         result = modules.convert.convert_checkpoint(weights, "auto")
         found = modules.export.torchvision_arch(result)
         if found != arch:
-            raise ValueError(f"{weights} holds a {found}, not a {arch}: load it with "
-                             f"torch.hub.load(..., {found!r}, ...)")
+            raise ValueError(
+                f"{weights} holds a {found}, not a {arch}: load it with "
+                f"torch.hub.load(..., {found!r}, ...)"
+            )
         missing, unexpected = model.load_state_dict(
             modules.export.d2_to_torchvision_state(result.d2_state), strict=False
         )

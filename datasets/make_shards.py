@@ -20,6 +20,7 @@ Every shard is written to a temporary file and renamed when complete, so an inte
 leaves no partial ``.tar`` under a final name. Images that are missing or empty are skipped and
 listed; their count is printed at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -57,14 +59,23 @@ def _sample(record: dict[str, Any]) -> dict[str, Any] | str:
     if not data:
         return "empty file (0 bytes)"
     captions = record["captions"]
-    meta = {"caption": captions[0], "captions": captions, "image_id": record["image_id"],
-            "file_name": os.path.basename(path), "width": record["width"],
-            "height": record["height"]}
+    meta = {
+        "caption": captions[0],
+        "captions": captions,
+        "image_id": record["image_id"],
+        "file_name": os.path.basename(path),
+        "width": record["width"],
+        "height": record["height"],
+    }
     image_id = record["image_id"]
     # webdataset splits member names at the first dot: keys must not contain one.
     key = f"{image_id:012d}" if isinstance(image_id, int) else str(image_id).replace(".", "_")
-    return {"__key__": key, ext: data, "json": json.dumps(meta).encode(),
-            "txt": captions[0].encode()}
+    return {
+        "__key__": key,
+        ext: data,
+        "json": json.dumps(meta).encode(),
+        "txt": captions[0].encode(),
+    }
 
 
 def _write_shard(path: str, samples: Sequence[dict[str, Any]]) -> None:
@@ -81,8 +92,9 @@ def _write_shard(path: str, samples: Sequence[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def make_shards(captions: str, images: str, output: str, samples_per_shard: int,
-                progress: bool = True) -> dict[str, Any]:
+def make_shards(
+    captions: str, images: str, output: str, samples_per_shard: int, progress: bool = True
+) -> dict[str, Any]:
     """Write the shards; returns ``{"pattern", "shards", "samples", "captions", "skipped"}``."""
     if samples_per_shard <= 0:
         raise ValueError(f"--samples-per-shard must be positive, got {samples_per_shard}")
@@ -105,19 +117,29 @@ def make_shards(captions: str, images: str, output: str, samples_per_shard: int,
         written, index = written + len(shard), index + 1
     if not written:
         raise ValueError(f"no image of {captions} could be read from {images}; nothing written")
-    return {"pattern": shard_pattern(output, index), "shards": index, "samples": written,
-            "captions": num_captions, "skipped": skipped}
+    return {
+        "pattern": shard_pattern(output, index),
+        "shards": index,
+        "samples": written,
+        "captions": num_captions,
+        "skipped": skipped,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", required=True, help="COCO-format captions json")
-    parser.add_argument("--images", required=True, help="folder the json's file_name values "
-                        "are relative to")
+    parser.add_argument(
+        "--images", required=True, help="folder the json's file_name values are relative to"
+    )
     parser.add_argument("--output", required=True, help="folder for the shards (created)")
-    parser.add_argument("--samples-per-shard", type=int, default=1000,
-                        help="images per shard (default 1000); a run with N processes x W "
-                        "data-loader workers needs at least N x W shards")
+    parser.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=1000,
+        help="images per shard (default 1000); a run with N processes x W "
+        "data-loader workers needs at least N x W shards",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -127,8 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for name, why in list(summary["skipped"].items())[:10]:
         print(f"skipped {name}: {why}", file=sys.stderr)
-    print(f"wrote {summary['samples']} images ({summary['captions']} captions) in "
-          f"{summary['shards']} shard(s); skipped {len(summary['skipped'])} image(s)")
+    print(
+        f"wrote {summary['samples']} images ({summary['captions']} captions) in "
+        f"{summary['shards']} shard(s); skipped {len(summary['skipped'])} image(s)"
+    )
     print(f"train with: DATASETS.TRAIN \"('webdataset:{summary['pattern']}',)\"")
     return 0
 

@@ -7,6 +7,9 @@ missing; use this script to (re)generate it explicitly or with other sizes.
 Example:
     python datasets/prepare_synthetic.py --output datasets/synthetic
 """
+
+from __future__ import annotations
+
 import argparse
 import json
 

@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import os
 import sys
 from pathlib import Path
@@ -30,8 +32,9 @@ def synthetic(tmp_path_factory):
     old = os.environ.get("DETECTRON2_DATASETS")
     os.environ["DETECTRON2_DATASETS"] = str(root)
     register_all_virtex_datasets(str(root))
-    tok = train_vocabulary([root / "synthetic" / "annotations" / "captions_train.json"], 120,
-                           root / "vocab.json")
+    tok = train_vocabulary(
+        [root / "synthetic" / "annotations" / "captions_train.json"], 120, root / "vocab.json"
+    )
     yield {"root": root, "tokenizer": tok.path, "vocab_size": len(tok)}
     if old is None:
         os.environ.pop("DETECTRON2_DATASETS")
@@ -54,6 +57,11 @@ def shards(synthetic, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("shards")
     base = synthetic["root"] / "synthetic"
-    summary = make_shards.make_shards(str(base / "annotations" / "captions_train.json"),
-                                      str(base / "train"), str(out), 3, progress=False)
+    summary = make_shards.make_shards(
+        str(base / "annotations" / "captions_train.json"),
+        str(base / "train"),
+        str(out),
+        3,
+        progress=False,
+    )
     return {"dir": out, **summary, "urls": expand_shards(["webdataset:" + summary["pattern"]])}

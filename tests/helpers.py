@@ -1,4 +1,5 @@
 """Shared builders for tests (not a test module)."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 COCO_TINY = SHARED / "data" / "coco_tiny"
 
-WORDS = ("a red circle left of a blue square above the green triangle right big small two "
-         "three yellow star bright rights on table dog cat sitting near").split()
+WORDS = (
+    "a red circle left of a blue square above the green triangle right big small two "
+    "three yellow star bright rights on table dog cat sitting near"
+).split()
 
 
 def write_captions_json(path: Path, captions: list[str]) -> Path:
     """A COCO captions file with one image per caption."""
-    images = [{"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 64}
-              for i in range(len(captions))]
+    images = [
+        {"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 64} for i in range(len(captions))
+    ]
     anns = [{"id": i, "image_id": i, "caption": c} for i, c in enumerate(captions)]
     path.write_text(json.dumps({"images": images, "annotations": anns}))
     return path
@@ -36,8 +40,14 @@ def make_tokenizer(tmp_path: Path, vocab_size: int = 64):
     return train_vocabulary([cap], vocab_size, tmp_path / f"vocab_{vocab_size}.json")
 
 
-def virtex_cfg(task: str = "bicaptioning", depth: int = 18, layers: int = 1, hidden: int = 64,
-               tokenizer_path: str = "", vocab_size: int = 64):
+def virtex_cfg(
+    task: str = "bicaptioning",
+    depth: int = 18,
+    layers: int = 1,
+    hidden: int = 64,
+    tokenizer_path: str = "",
+    vocab_size: int = 64,
+):
     """A small CPU VirTex config (no datasets)."""
     cfg = get_cfg()
     virtex_d2.add_virtex_config(cfg)
@@ -73,11 +83,16 @@ needs_coco_tiny = _needs_coco_tiny()
 def tiny_textual_head_opts(synthetic: dict) -> list:
     """Config overrides: the `synthetic` fixture's vocabulary and a 64-wide textual head."""
     return [
-        "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
-        "MODEL.VIRTEX.VOCAB_SIZE", str(synthetic["vocab_size"]),
-        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE", "64",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", "128",
+        "MODEL.VIRTEX.TOKENIZER",
+        synthetic["tokenizer"],
+        "MODEL.VIRTEX.VOCAB_SIZE",
+        str(synthetic["vocab_size"]),
+        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
+        "64",
+        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
+        "2",
+        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
+        "128",
     ]
 
 
@@ -105,8 +120,9 @@ def load_config(path, *opts):
     cfg = get_cfg()
     virtex_d2.add_virtex_config(cfg)
     cfg.merge_from_file(str(path))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *[str(o) if not isinstance(o, str) else o
-                                                  for o in opts]])
+    cfg.merge_from_list(
+        ["MODEL.DEVICE", "cpu", *[str(o) if not isinstance(o, str) else o for o in opts]]
+    )
     return cfg
 
 
@@ -119,8 +135,9 @@ def sigkill_when_marker_appears(cmd: list, marker: Path, *, cwd, env, limit_s: f
     import subprocess
     import time
 
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + limit_s
     try:
         while not marker.exists():

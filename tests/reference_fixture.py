@@ -6,6 +6,7 @@ checkpoint of any shape from the module names the reference uses (torchvision Re
 ``visual.cnn.``, PyTorch's ``nn.TransformerDecoderLayer`` under ``textual.transformer.``), for
 the import cases the fixture does not cover.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,16 +56,26 @@ def rebuild_parity_checkpoint(path: Path) -> Path:
 class ReferenceStyleHead(nn.Module):
     """The reference's textual head, written with the same module names (test oracle)."""
 
-    def __init__(self, visual: int, vocab: int, hidden: int, layers: int, heads: int, ffn: int,
-                 prenorm: bool, max_length: int = 30):
+    def __init__(
+        self,
+        visual: int,
+        vocab: int,
+        hidden: int,
+        layers: int,
+        heads: int,
+        ffn: int,
+        prenorm: bool,
+        max_length: int = 30,
+    ):
         super().__init__()
         self.visual_projection = nn.Linear(visual, hidden)
         self.embedding = nn.Module()
         self.embedding.words = nn.Embedding(vocab, hidden, padding_idx=0)
         self.embedding.positions = nn.Embedding(max_length, hidden)
         self.embedding.layer_norm = nn.LayerNorm(hidden, eps=1e-8)
-        layer = nn.TransformerDecoderLayer(hidden, heads, ffn, 0.1, activation="gelu",
-                                           norm_first=prenorm)
+        layer = nn.TransformerDecoderLayer(
+            hidden, heads, ffn, 0.1, activation="gelu", norm_first=prenorm
+        )
         self.transformer = nn.TransformerDecoder(layer, layers)
         self.output = nn.Linear(hidden, vocab)
         self.output.weight = self.embedding.words.weight
@@ -77,13 +88,26 @@ class ReferenceStyleHead(nn.Module):
         x = e.layer_norm(e.words(tokens) + e.positions(torch.arange(length))[None])
         x = x * (tokens != 0)[..., None].float()
         future = torch.full((length, length), float("-inf")).triu(1)
-        h = self.transformer(x.transpose(0, 1), visual.transpose(0, 1), tgt_mask=future,
-                             tgt_key_padding_mask=tokens == 0)
+        h = self.transformer(
+            x.transpose(0, 1),
+            visual.transpose(0, 1),
+            tgt_mask=future,
+            tgt_key_padding_mask=tokens == 0,
+        )
         return self.output(h.transpose(0, 1))
 
 
-def reference_style_state_dict(arch: str, vocab: int, hidden: int, layers: int, heads: int,
-                               ffn: int, prenorm: bool, bicaptioning: bool, seed: int = 0):
+def reference_style_state_dict(
+    arch: str,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    ffn: int,
+    prenorm: bool,
+    bicaptioning: bool,
+    seed: int = 0,
+):
     """(state_dict, cnn, forward head) of a randomly initialised reference-layout model."""
     torch.manual_seed(seed)
     cnn = getattr(torchvision.models, arch)()

@@ -1,4 +1,7 @@
 """The installed environment: detectron2's Python-only build and its compatibility fixes."""
+
+from __future__ import annotations
+
 import importlib
 import subprocess
 import sys
@@ -58,7 +61,9 @@ def test_missing_compiled_op_fails_only_when_used_and_says_how_to_fix():
         pytest.skip("a full detectron2 build with compiled ops is installed")
     ModulatedDeformConv(4, 4, 3, padding=1)  # building (and importing) works
     # What the CUDA path of (Modulated)DeformConv calls:
-    with pytest.raises(RuntimeError, match="modulated_deform_conv_forward.*compiled.*build detectron2"):
+    with pytest.raises(
+        RuntimeError, match="modulated_deform_conv_forward.*compiled.*build detectron2"
+    ):
         _C.modulated_deform_conv_forward
     with pytest.raises(RuntimeError, match="nms_rotated"):
         nms_rotated(torch.zeros(2, 5), torch.zeros(2), 0.5)
@@ -73,8 +78,15 @@ def test_tampered_sdist_is_refused(tmp_path):
     tampered = tmp_path / build_detectron2.SDIST_NAME
     tampered.write_bytes(b"not the published archive")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "build_detectron2.py"), "--sdist", str(tampered),
-         "--verify-only"], capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO / "tools" / "build_detectron2.py"),
+            "--sdist",
+            str(tampered),
+            "--verify-only",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 1
     assert "refusing" in proc.stderr and build_detectron2.SDIST_SHA256 in proc.stderr
@@ -96,5 +108,9 @@ def test_installed_build_is_recognised_as_up_to_date():
     found = build_detectron2.installed_detectron2()
     assert found is not None
     version, full = found
-    assert full or version == f"{build_detectron2.BUILD_VERSION} (patch level {build_detectron2.PATCH_LEVEL})"
+    assert (
+        full
+        or version
+        == f"{build_detectron2.BUILD_VERSION} (patch level {build_detectron2.PATCH_LEVEL})"
+    )
     importlib.import_module("detectron2")

@@ -1,11 +1,12 @@
 """Imports point downward only: tools -> engine -> data / modeling / evaluation / checkpoint /
 solver / io -> config. A module importing a layer above its own (say data importing engine) ties
 the low layer to everything above it and soon makes an import cycle; this test names it."""
+
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from helpers import REPO
 
@@ -57,7 +58,7 @@ def tool_module_names() -> set[str]:
     return {p.stem for p in tools.glob("*.py")} | {p.name for p in tools.iterdir() if p.is_dir()}
 
 
-def layer_of(module: str) -> Optional[int]:
+def layer_of(module: str) -> int | None:
     """Layer of a module of ours; None for other packages and for modules not judged."""
     parts = module.split(".")
     if parts[0] == "tools" or parts[0] in tool_module_names():
@@ -69,7 +70,7 @@ def layer_of(module: str) -> Optional[int]:
     return LAYERS[parts[1]]
 
 
-def upward_imports(path: Path, source: Optional[str] = None) -> list[str]:
+def upward_imports(path: Path, source: str | None = None) -> list[str]:
     """One line per import in ``path`` (or ``source``, read as if it were ``path``) that
     points to a layer above the module's own."""
     module = module_name(path)
@@ -79,14 +80,19 @@ def upward_imports(path: Path, source: Optional[str] = None) -> list[str]:
     for line, target in imported_modules(text, module, path.name == "__init__.py"):
         layer = layer_of(target)
         if layer is not None and layer > own:
-            found.append(f"{path.relative_to(REPO)}:{line} ({module}, layer {own}) imports "
-                         f"{target} (layer {layer})")
+            found.append(
+                f"{path.relative_to(REPO)}:{line} ({module}, layer {own}) imports "
+                f"{target} (layer {layer})"
+            )
     return found
 
 
 def test_every_part_of_the_package_has_a_layer():
-    parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-             if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))}
+    parts = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))
+    }
     assert parts - {"__init__"} == set(LAYERS)
 
 
@@ -103,8 +109,14 @@ def test_the_check_sees_relative_absolute_and_local_imports():
     assert len(upward_imports(data, bad)) == 1
     assert len(upward_imports(data, "def f():\n    import virtex_d2.engine.trainer\n")) == 1
     assert len(upward_imports(data, "from ..engine import predictor\n")) == 1
-    assert upward_imports(data, "from ..config import DECODERS\nfrom ..io import atomic_write\n"
-                                "from .. import io\nimport torch\n") == []
+    assert (
+        upward_imports(
+            data,
+            "from ..config import DECODERS\nfrom ..io import atomic_write\n"
+            "from .. import io\nimport torch\n",
+        )
+        == []
+    )
     config = PACKAGE / "config.py"
     assert len(upward_imports(config, "from .data.tokenizer import SOS_ID\n")) == 1
     engine = PACKAGE / "engine" / "predictor.py"

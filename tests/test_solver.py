@@ -1,4 +1,7 @@
 """Optimiser: parameter groups, clipping and Lookahead."""
+
+from __future__ import annotations
+
 import copy
 
 import pytest
@@ -20,8 +23,13 @@ class Toy(nn.Module):
 
 def test_param_groups_split_lr_and_decay():
     model = Toy()
-    groups = virtex_param_groups(model, 0.2, 0.001, 1e-4,
-                                 r"^textual_head\.(embedding|transformer|backward_transformer)\.\S*(norm|bias)")
+    groups = virtex_param_groups(
+        model,
+        0.2,
+        0.001,
+        1e-4,
+        r"^textual_head\.(embedding|transformer|backward_transformer)\.\S*(norm|bias)",
+    )
     by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert by_param[id(named["backbone.weight"])] == (0.2, 1e-4)

@@ -15,6 +15,7 @@ the archive does not contain. This script therefore
 
 Only the standard library is used, so this runs before anything else is installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,7 +126,7 @@ def has_cuda():
     return False
 ''' % (FULL_BUILD_HINT,)
 
-SETUP_PY = '''from setuptools import find_packages, setup
+SETUP_PY = """from setuptools import find_packages, setup
 
 setup(
     name="detectron2",
@@ -140,7 +141,7 @@ setup(
     python_requires=">=3.8",
     install_requires=%r,
 )
-'''
+"""
 
 
 class BuildError(RuntimeError):
@@ -288,14 +289,33 @@ def build_and_install(sdist: Path, work: Path, pip_args: list[str]) -> None:
     wheels = work / "wheels"
     print("[build_detectron2] building the Python-only wheel", flush=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(wheels), str(root)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(root),
+        ],
         check=True,
     )
     (wheel,) = list(wheels.glob("detectron2-*.whl"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", "-q",
-         str(wheel), *pip_args],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--force-reinstall",
+            "--no-deps",
+            "-q",
+            str(wheel),
+            *pip_args,
+        ],
         check=True,
     )
 
@@ -303,10 +323,15 @@ def build_and_install(sdist: Path, work: Path, pip_args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sdist", type=Path, help="use this sdist instead of downloading it")
-    parser.add_argument("--cache-dir", type=Path, default=Path("build/detectron2"),
-                        help="where the downloaded sdist is kept (default: build/detectron2)")
-    parser.add_argument("--verify-only", action="store_true",
-                        help="only check the sdist's sha256 and exit")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("build/detectron2"),
+        help="where the downloaded sdist is kept (default: build/detectron2)",
+    )
+    parser.add_argument(
+        "--verify-only", action="store_true", help="only check the sdist's sha256 and exit"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
 
@@ -314,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verify_only and not args.force:
             found = installed_detectron2()
             if found and found[1]:
-                print(f"[build_detectron2] keeping the installed full detectron2 build "
-                      f"({found[0]}, with compiled ops)")
+                print(
+                    f"[build_detectron2] keeping the installed full detectron2 build "
+                    f"({found[0]}, with compiled ops)"
+                )
                 return 0
             if found and found[0] == f"{BUILD_VERSION} (patch level {PATCH_LEVEL})":
                 print(f"[build_detectron2] detectron2 {found[0]} is up to date")

@@ -7,6 +7,9 @@
 Special ids: [UNK]/padding 0, [SOS] 1, [EOS] 2, [MASK] 3. Point MODEL.VIRTEX.TOKENIZER at the
 output and set MODEL.VIRTEX.VOCAB_SIZE to the size printed here.
 """
+
+from __future__ import annotations
+
 import argparse
 import logging
 import sys

@@ -16,12 +16,14 @@ reason, listed under "skipped" in the output and does not stop the run. Output j
 "num_captioned", "num_skipped"}. Exit status 0, or 1 when the input matches nothing, the
 model cannot be built, or not one image could be captioned (the json is still written then).
 """
+
+from __future__ import annotations
+
 import argparse
 import json
 import logging
 import os
 import sys
-from typing import List, Optional
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -31,7 +33,7 @@ from virtex_d2.engine.predictor import CaptionPredictor
 from virtex_d2.engine.tool_args import model_load_errors, model_tool_parser
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = model_tool_parser(
         __doc__, "image file, directory or glob pattern", "where to write the json"
     )
@@ -39,13 +41,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--num-workers", type=int, default=4, help="threads decoding images (0: main thread)"
     )
-    parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
-    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -69,8 +69,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         json.dump(results.to_json(), f, indent=2)
     n_ok, n_bad = len(results.captions), len(results.skipped)
     note = ' (listed under "skipped")' if n_bad else ""
-    print(f"captioned {n_ok} image(s), skipped {n_bad} unreadable file(s){note}; "
-          f"wrote {args.output}")
+    print(
+        f"captioned {n_ok} image(s), skipped {n_bad} unreadable file(s){note}; wrote {args.output}"
+    )
     return 0 if n_ok else 1
 
 

@@ -12,10 +12,12 @@ caption paired with another image of its batch ("shuffled"); their difference ("
 for a captioner that ignores the image. Also prints how many distinct greedy captions the
 images get. Exit status 1 on a bad config, weights file or dataset.
 """
+
+from __future__ import annotations
+
 import argparse
 import json
 import sys
-from typing import List, Optional
 
 from virtex_d2.config import setup_cfg
 from virtex_d2.engine.predictor import CaptionPredictor
@@ -23,7 +25,7 @@ from virtex_d2.engine.tool_args import model_load_errors
 from virtex_d2.evaluation.grounding import grounding_batches, measure_grounding
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the model's training config")
     parser.add_argument("--weights", required=True, help="Detectron2 checkpoint (.pth)")
@@ -35,7 +37,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = setup_cfg(args.config_file, args.opts)

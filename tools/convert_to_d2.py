@@ -19,9 +19,11 @@ Examples::
 The work is done by :mod:`virtex_d2.checkpoint.convert`; this file only parses arguments and
 prints. Exit status 1 (and nothing written) when the backbone is incomplete.
 """
+
+from __future__ import annotations
+
 import argparse
 import sys
-from typing import List, Optional
 
 from virtex_d2.checkpoint.convert import (
     SOURCES,
@@ -36,12 +38,20 @@ from virtex_d2.checkpoint.to_torchvision import (
 )
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="auto", choices=("auto", *SOURCES),
-                        help="input layout (default: recognised from the tensor names)")
-    parser.add_argument("--to", default="detectron2", choices=("detectron2", "torchvision"),
-                        help="output layout (default detectron2)")
+    parser.add_argument(
+        "--source",
+        default="auto",
+        choices=("auto", *SOURCES),
+        help="input layout (default: recognised from the tensor names)",
+    )
+    parser.add_argument(
+        "--to",
+        default="detectron2",
+        choices=("detectron2", "torchvision"),
+        help="output layout (default detectron2)",
+    )
     parser.add_argument("input", help="checkpoint to convert (.pth; .pkl is refused)")
     parser.add_argument("output", help="where to write the converted checkpoint (.pth)")
     parser.add_argument(
@@ -56,7 +66,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = convert_checkpoint(
@@ -78,9 +88,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         state = d2_to_torchvision_state(result.d2_state)
         save_torchvision_state(state, args.output)
-        print(f"wrote {len(state)} tensors to {args.output}: load with "
-              f"torchvision.models.{arch}().load_state_dict(torch.load(path, weights_only=True), "
-              "strict=False) (only fc.weight/fc.bias missing)")
+        print(
+            f"wrote {len(state)} tensors to {args.output}: load with "
+            f"torchvision.models.{arch}().load_state_dict(torch.load(path, weights_only=True), "
+            "strict=False) (only fc.weight/fc.bias missing)"
+        )
         return 0
     save_d2_checkpoint(result, args.output)
     print(f"wrote {len(result.d2_state)} tensors to {args.output}")

@@ -11,11 +11,13 @@ Score caption results against COCO-format caption ground truth with the official
 Scores are printed in percent (toolkit value x 100) and optionally written as json.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import logging
 import sys
-from typing import Dict, Hashable, List
+from collections.abc import Hashable
 
 from virtex_d2.evaluation.caption_metrics import (
     METRIC_NAMES,
@@ -25,11 +27,11 @@ from virtex_d2.evaluation.caption_metrics import (
 )
 
 
-def load_coco_captions(path: str) -> Dict[Hashable, List[str]]:
+def load_coco_captions(path: str) -> dict[Hashable, list[str]]:
     """image id -> reference captions, images in file order, captions in annotation order."""
     with open(path) as f:
         data = json.load(f)
-    gts: Dict[Hashable, List[str]] = {}
+    gts: dict[Hashable, list[str]] = {}
     # COCOEvalCap scores images in the order of "images"; keep it so numbers match exactly.
     for image in data.get("images", []):
         gts[image["id"]] = []
@@ -40,11 +42,11 @@ def load_coco_captions(path: str) -> Dict[Hashable, List[str]]:
     return gts
 
 
-def load_results(path: str) -> Dict[Hashable, str]:
+def load_results(path: str) -> dict[Hashable, str]:
     """image id -> caption from a COCO caption-results json; repeated image ids are an error."""
     with open(path) as f:
         data = json.load(f)
-    results: Dict[Hashable, str] = {}
+    results: dict[Hashable, str] = {}
     for item in data:
         if item["image_id"] in results:
             raise ValueError(f"{path}: image id {item['image_id']!r} has more than one result")

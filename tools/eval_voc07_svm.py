@@ -18,12 +18,15 @@ checkpoint or a torchvision ResNet; ``--weights-source d2|virtex_d2|virtex|torch
 on one. Pooled features are cached (see
 virtex_d2/engine/features.py), so re-running with other ``--costs`` does not re-extract.
 """
+
+from __future__ import annotations
+
 import argparse
 import json
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,19 +50,25 @@ def _to_json(obj: Any) -> Any:
     return obj.item() if isinstance(obj, np.generic) else str(obj)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--weights", default=None, help="checkpoint (default: MODEL.WEIGHTS)")
-    p.add_argument("--weights-source", default="auto", choices=WEIGHT_SOURCES,
-                   help="checkpoint layout (default: recognised from its keys)")
+    p.add_argument(
+        "--weights-source",
+        default="auto",
+        choices=WEIGHT_SOURCES,
+        help="checkpoint layout (default: recognised from its keys)",
+    )
     p.add_argument("--dataset", default=None, help="TRAIN,TEST registered dataset names")
     p.add_argument("--costs", type=float, nargs="+", default=None, help="SVM costs C")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results here")
     p.add_argument("--cache-dir", default=None, help="feature cache (default: config)")
     p.add_argument("--no-cache", action="store_true", help="always extract, never cache")
     p.add_argument(
-        "--jobs", type=int, default=min(8, os.cpu_count() or 1),
+        "--jobs",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
         help="classes whose SVMs are trained in parallel processes (default: min(8, CPUs))",
     )
     p.add_argument("--num-workers", type=int, default=None, help="data-loading processes")
@@ -82,7 +91,7 @@ def setup(args: argparse.Namespace):
     return cfg
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = setup(args)
     setup_logger(name="virtex_d2")
@@ -94,12 +103,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         logger.warning(f"No weights: features of a RANDOMLY initialised backbone (seed {seed})")
     cache_dir = None
     if not args.no_cache:
-        cache_dir = args.cache_dir or cfg.TEST.VOC07_SVM.CACHE_DIR or os.path.join(
-            cfg.OUTPUT_DIR, "feature_cache"
+        cache_dir = (
+            args.cache_dir
+            or cfg.TEST.VOC07_SVM.CACHE_DIR
+            or os.path.join(cfg.OUTPUT_DIR, "feature_cache")
         )
     num_workers = cfg.DATALOADER.NUM_WORKERS if args.num_workers is None else args.num_workers
 
-    built: List[ImageClassifier] = []
+    built: list[ImageClassifier] = []
 
     def model_factory() -> ImageClassifier:
         # Built at most once, and only if some split is not cached.

@@ -15,6 +15,7 @@ AP, and, averaged over the metrics logged in the second half of training (Detect
 objectness loss: a run that stalls keeps a foreground accuracy of 0 (its box classifier labels
 every foreground proposal background) while the RPN trains normally.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from statistics import mean, stdev
-from typing import Dict, List, Optional
 
 from tabulate import tabulate
 
@@ -32,21 +32,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGNALS = ("loss_cls", "fast_rcnn/fg_cls_accuracy", "loss_rpn_cls")
 
 
-def read_records(path: str) -> List[dict]:
+def read_records(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def summarise(out_dir: str) -> Optional[Dict[str, float]]:
+def summarise(out_dir: str) -> dict[str, float] | None:
     """Final AP and late-training signals of one run; None if it has not finished."""
     records = read_records(os.path.join(out_dir, "metrics.json"))
     final = next((r for r in reversed(records) if "bbox/AP" in r), None)
     if final is None:
         return None
     logged = [r for r in records if "loss_cls" in r]
-    train = logged[len(logged) // 2:]
+    train = logged[len(logged) // 2 :]
     row = {"box AP": final["bbox/AP"], "mask AP": final.get("segm/AP", float("nan"))}
     for key in SIGNALS:
         values = [r[key] for r in train if key in r]
@@ -54,14 +54,26 @@ def summarise(out_dir: str) -> Optional[Dict[str, float]]:
     return row
 
 
-def run_one(config: str, seed: int, name: str, weights: str, extra: List[str], out: str,
-            threads: int) -> Dict[str, float]:
+def run_one(
+    config: str, seed: int, name: str, weights: str, extra: list[str], out: str, threads: int
+) -> dict[str, float]:
     out_dir = os.path.join(out, name, f"seed{seed}")
     done = summarise(out_dir)
     if done is not None:
         return done
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config,
-           "SEED", str(seed), "MODEL.WEIGHTS", weights, *extra, "OUTPUT_DIR", out_dir]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "train_net.py"),
+        "--config-file",
+        config,
+        "SEED",
+        str(seed),
+        "MODEL.WEIGHTS",
+        weights,
+        *extra,
+        "OUTPUT_DIR",
+        out_dir,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "stdout.txt"), "w") as log:
@@ -75,7 +87,7 @@ def run_one(config: str, seed: int, name: str, weights: str, extra: List[str], o
     return result
 
 
-def parse_init(spec: str) -> tuple[str, str, List[str]]:
+def parse_init(spec: str) -> tuple[str, str, list[str]]:
     name, _, rest = spec.partition("=")
     weights, _, extra = rest.partition(":")
     if not name:
@@ -83,7 +95,7 @@ def parse_init(spec: str) -> tuple[str, str, List[str]]:
     return name, weights, extra.split()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config-file", required=True)
     p.add_argument("--seeds", type=int, nargs="+", required=True)
@@ -96,9 +108,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     jobs = [(seed, name, w, extra) for seed in args.seeds for name, w, extra in inits]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(
-            lambda j: run_one(args.config_file, j[0], j[1], j[2], j[3], args.output, threads),
-            jobs))
+        results = list(
+            pool.map(
+                lambda j: run_one(args.config_file, j[0], j[1], j[2], j[3], args.output, threads),
+                jobs,
+            )
+        )
     rows, table = [], {}
     for (seed, name, _, _), r in zip(jobs, results):
         table.setdefault(name, {})[seed] = r
@@ -108,8 +123,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             vals = [r[metric] for r in per_seed.values()]
             spread = f" ± {stdev(vals):.2f}" if len(vals) > 1 else ""
             print(f"{name}: {metric} mean {mean(vals):.2f}{spread} over seeds {sorted(per_seed)}")
-    print(tabulate(rows, headers=["init", "seed", "box AP", "mask AP", *SIGNALS],
-                   tablefmt="github"))
+    print(
+        tabulate(rows, headers=["init", "seed", "box AP", "mask AP", *SIGNALS], tablefmt="github")
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(table, f, indent=1)

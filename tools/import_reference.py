@@ -17,18 +17,20 @@ reference's own beam search (MODEL.VIRTEX.DECODER.NAME reference_beam), so they 
 authors' captions token for token. An unknown config key, a value virtex-d2 cannot express or a
 checkpoint tensor that does not fit stops the import with a message naming it (exit status 2).
 """
+
+from __future__ import annotations
+
 import argparse
 import logging
 import sys
-from typing import List, Optional
 
-from virtex_d2.checkpoint.reference import ReferenceImportError
 from virtex_d2.checkpoint.convert import IncompleteBackboneError
+from virtex_d2.checkpoint.reference import ReferenceImportError
 from virtex_d2.data.spm_vocabulary import VocabularyImportError
 from virtex_d2.engine.reference_import import import_reference
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -36,20 +38,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--checkpoint", required=True, help="reference checkpoint (.pth)")
     parser.add_argument("--config", required=True, help="its config, in the reference's format")
-    parser.add_argument("--vocab", help="its SentencePiece .model (tasks with a textual head; "
-                        "default: the config's DATA.TOKENIZER_MODEL, also looked for next to it)")
+    parser.add_argument(
+        "--vocab",
+        help="its SentencePiece .model (tasks with a textual head; "
+        "default: the config's DATA.TOKENIZER_MODEL, also looked for next to it)",
+    )
     parser.add_argument("--output", required=True, help="directory to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = import_reference(args.checkpoint, args.config, args.vocab, args.output)
-    except (ReferenceImportError, VocabularyImportError, IncompleteBackboneError,
-            FileNotFoundError, RuntimeError, TypeError) as e:
+    except (
+        ReferenceImportError,
+        VocabularyImportError,
+        IncompleteBackboneError,
+        FileNotFoundError,
+        RuntimeError,
+        TypeError,
+    ) as e:
         print(f"import_reference: error: {e}", file=sys.stderr)
         return 2
-    print(f"imported a {result.task} model:\n  config:  {result.config}\n"
-          f"  weights: {result.weights}" + (f"\n  vocab:   {result.vocabulary}"
-                                            if result.vocabulary else ""))
+    print(
+        f"imported a {result.task} model:\n  config:  {result.config}\n"
+        f"  weights: {result.weights}"
+        + (f"\n  vocab:   {result.vocabulary}" if result.vocabulary else "")
+    )
     return 0
 
 

@@ -10,6 +10,9 @@ a comparison with random init (COCO box/mask AP, LVIS AP), written to output/dem
 Stages run as tools/train_net.py subprocesses (see tools/demo/stages.py); a finished stage
 is reused and an interrupted one resumed, so re-running after Ctrl-C picks up where it stopped.
 """
+
+from __future__ import annotations
+
 import os
 import sys
 

@@ -10,6 +10,9 @@
 
 What happens on bad data, bad configs, crashes and failed processes: README "Failure behaviour".
 """
+
+from __future__ import annotations
+
 from datetime import timedelta
 
 import torch
@@ -61,9 +64,18 @@ def main(args):
 if __name__ == "__main__":
     parser = default_argument_parser()
     parser.add_argument(
-        "--dist-timeout-s", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
+        "--dist-timeout-s",
+        type=float,
+        default=DEFAULT_TIMEOUT.total_seconds(),
         help="seconds a process waits in a collective (e.g. for a dead peer) before failing",
     )
     args = parser.parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), timeout=timedelta(seconds=args.dist_timeout_s))
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        timeout=timedelta(seconds=args.dist_timeout_s),
+    )

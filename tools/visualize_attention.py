@@ -14,13 +14,16 @@ scaled to [0, 1] per word, coloured and alpha-blended over the image.
 Writes DIR/NN_word.png (one per word, NN = word index from 00) and DIR/caption_sheet.png (the
 input crop followed by every word's panel, in a grid). Prints the caption and the paths.
 """
+
+from __future__ import annotations
+
 import argparse
 import math
 import os
 import re
 import sys
 import textwrap
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -49,8 +52,9 @@ def overlay_attention(
     import matplotlib
 
     size = image.shape[:2]
-    up = F.interpolate(attention[None, None].float(), size=size, mode="bilinear",
-                       align_corners=False)[0, 0]
+    up = F.interpolate(
+        attention[None, None].float(), size=size, mode="bilinear", align_corners=False
+    )[0, 0]
     lo, hi = up.min(), up.max()
     norm = (up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up)
     colours = matplotlib.colormaps[cmap](norm.numpy())[..., :3]
@@ -71,8 +75,14 @@ def _panel(fig, image: np.ndarray, title: str, left: int, top: int, panel_px: in
     ax = fig.add_axes([left / w, 1 - (top + TITLE_PX + panel_px) / h, panel_px / w, panel_px / h])
     ax.imshow(image, interpolation="bilinear")
     ax.set_axis_off()
-    fig.text((left + panel_px / 2) / w, 1 - (top + TITLE_PX / 2) / h, title,
-             ha="center", va="center", fontsize=16)
+    fig.text(
+        (left + panel_px / 2) / w,
+        1 - (top + TITLE_PX / 2) / h,
+        title,
+        ha="center",
+        va="center",
+        fontsize=16,
+    )
 
 
 def save_word_figure(path: str, image: np.ndarray, word: str, panel_px: int = 256) -> None:
@@ -83,8 +93,13 @@ def save_word_figure(path: str, image: np.ndarray, word: str, panel_px: int = 25
 
 
 def save_caption_sheet(
-    path: str, image: np.ndarray, overlays: Sequence[np.ndarray], words: Sequence[str],
-    caption: str, panel_px: int = 256, columns: int = 4,
+    path: str,
+    image: np.ndarray,
+    overlays: Sequence[np.ndarray],
+    words: Sequence[str],
+    caption: str,
+    panel_px: int = 256,
+    columns: int = 4,
 ) -> tuple[int, int]:
     """The input crop then one panel per word, ``columns`` per row, under the caption.
 
@@ -98,8 +113,15 @@ def save_caption_sheet(
     fig = _figure(width, height)
     # ~0.55 em per character at 16 pt (21 px at 64 dpi).
     text = "\n".join(textwrap.wrap(caption or "(empty caption)", max(10, int(width / 12))))
-    fig.text(0.5, 1 - HEADER_PX / 2 / height, text, ha="center", va="center", fontsize=16,
-             fontweight="bold")
+    fig.text(
+        0.5,
+        1 - HEADER_PX / 2 / height,
+        text,
+        ha="center",
+        va="center",
+        fontsize=16,
+        fontweight="bold",
+    )
     for i, (panel, title) in enumerate(panels):
         r, c = divmod(i, cols)
         _panel(fig, panel, title, c * panel_px, HEADER_PX + r * (panel_px + TITLE_PX), panel_px)
@@ -113,7 +135,7 @@ def safe_filename(word: str, limit: int = 40) -> str:
     return stem or "word"
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = model_tool_parser(__doc__, "one image file", "directory for the PNGs")
     parser.add_argument(
         "--layer",
@@ -129,7 +151,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if not 0.0 <= args.alpha <= 1.0:
@@ -158,8 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         save_word_figure(path, overlays[-1], word, args.panel_size)
         print(f"wrote {path}")
     sheet = os.path.join(args.output, "caption_sheet.png")
-    save_caption_sheet(sheet, crop_np, overlays, result.words, result.caption,
-                       args.panel_size, args.columns)
+    save_caption_sheet(
+        sheet, crop_np, overlays, result.words, result.caption, args.panel_size, args.columns
+    )
     print(f"wrote {sheet}")
     return 0
 

@@ -4,6 +4,9 @@ Importing this package registers everything it provides with Detectron2's regist
 catalogs: datasets (captioning, detection, classification), the VirTex and ImageClassifier
 meta-architectures, textual heads, ROI heads and evaluators.
 """
+
+from __future__ import annotations
+
 from . import (
     data,  # noqa: F401  (registers datasets)
     evaluation,  # noqa: F401

@@ -5,13 +5,14 @@ over the final name (``os.replace``, atomic on POSIX), then the directory entry 
 reader therefore sees the old file or the new one, never half of one, and a failed write (a
 full disk, an exception in the writer) leaves the old file in place.
 """
+
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
 import tempfile
-from typing import IO, Callable, Type
+from typing import IO, Callable
 
 __all__ = ["AtomicWriteError", "atomic_write", "atomic_write_text"]
 
@@ -32,8 +33,13 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
-                 error: Type[AtomicWriteError] = AtomicWriteError, advice: str = "") -> None:
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[IO[bytes]], None],
+    *,
+    error: type[AtomicWriteError] = AtomicWriteError,
+    advice: str = "",
+) -> None:
     """Write ``path`` by calling ``write(binary file)`` on a temporary file, then renaming it.
 
     Missing parent directories are created. ``error`` (a subclass of :class:`AtomicWriteError`)
@@ -57,8 +63,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             raise  # KeyboardInterrupt etc.: nothing to explain
         code = getattr(e, "errno", None) or errno.EIO
         reason = getattr(e, "strerror", None) or str(e)
-        raise error(code, f"could not write {path}: {reason}. Nothing on disk was changed."
-                    + (f" {advice}" if advice else "")) from e
+        raise error(
+            code,
+            f"could not write {path}: {reason}. Nothing on disk was changed."
+            + (f" {advice}" if advice else ""),
+        ) from e
     _fsync_dir(directory)
 
 

@@ -1,5 +1,8 @@
 """Backbone conversion: converted weights load completely into R-FPN and R-C4 models and give the
 same features as the source network (torchvision, reference VirTex and our own layouts)."""
+
+from __future__ import annotations
+
 import logging
 import re
 from pathlib import Path
@@ -368,8 +371,13 @@ def test_inferred_architecture_builds_a_matching_d2_resnet(builder, depth, group
 
 
 def test_name_mapping_round_trips():
-    for tv in ("conv1.weight", "bn1.bias", "layer1.0.downsample.1.running_mean",
-               "layer4.2.conv3.weight", "layer2.1.bn2.running_var"):
+    for tv in (
+        "conv1.weight",
+        "bn1.bias",
+        "layer1.0.downsample.1.running_mean",
+        "layer4.2.conv3.weight",
+        "layer2.1.bn2.running_var",
+    ):
         assert d2_to_torchvision_name(torchvision_to_d2_name(tv)) == tv
     assert torchvision_to_d2_name("layer1.0.downsample.0.weight") == "res2.0.shortcut.weight"
     assert torchvision_to_d2_name("bn1.weight") == "stem.conv1.norm.weight"

@@ -1,6 +1,9 @@
 """Sharing backbones (README "Sharing backbones"): hubconf.py entry points and
 ``tools/convert_to_d2.py --to torchvision`` give torchvision ResNets computing the same features
 as the Detectron2 / VirTex backbone they come from."""
+
+from __future__ import annotations
+
 import subprocess
 import sys
 
@@ -106,7 +109,8 @@ def test_hub_loading_does_not_need_detectron2(virtex_r50):
         f"weights={virtex_r50['path']!r}, trust_repo=True)\n"
         "print(tuple(m(torch.zeros(1, 3, 64, 64)).shape), 'detectron2' in sys.modules)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[-2] == "(1, 2048) False"

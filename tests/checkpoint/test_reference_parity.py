@@ -6,6 +6,7 @@ teacher-forced losses. Other import cases (pre-norm heads, deeper heads, classif
 broken inputs) are checked against a reference-layout oracle built from PyTorch's own decoder
 layers, the modules the reference uses.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,12 @@ def _load(result, **overrides):
 def imported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     ckpt = rebuild_parity_checkpoint(tmp / "reference.pth")
-    return import_reference(str(ckpt), str(PARITY / "reference_config.yaml"),
-                            str(PARITY / "vocab_200.model"), str(tmp / "imported"))
+    return import_reference(
+        str(ckpt),
+        str(PARITY / "reference_config.yaml"),
+        str(PARITY / "vocab_200.model"),
+        str(tmp / "imported"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +118,29 @@ def test_our_beam_search_differs_from_the_reference_one(imported, expected):
 def test_caption_images_tool_writes_the_reference_captions(imported, expected, tmp_path):
     out = tmp_path / "captions.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "caption_images.py"), "--config-file",
-         imported.config, "--weights", imported.weights, "--input",
-         str(PARITY / "images_256"), "--output", str(out), "--num-workers", "0"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "tools" / "caption_images.py"),
+            "--config-file",
+            imported.config,
+            "--weights",
+            imported.weights,
+            "--input",
+            str(PARITY / "images_256"),
+            "--output",
+            str(out),
+            "--num-workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = {os.path.basename(c["file_name"]): c["caption"]
-           for c in json.loads(out.read_text())["captions"]}
+    got = {
+        os.path.basename(c["file_name"]): c["caption"]
+        for c in json.loads(out.read_text())["captions"]
+    }
     assert got == expected["beam_search"]["captions"]
 
 
@@ -136,13 +156,24 @@ def test_reference_nucleus_is_seeded_and_bans_repeats(imported, expected):
 
 
 # ------------------------------------------------------------------ other shapes of checkpoint
-def _write_reference(tmp_path, state, *, textual: str, name: str = "captioning",
-                     visual: str = "torchvision::resnet18", feature: int = 512,
-                     vocab: int = 200, extra: dict | None = None):
+def _write_reference(
+    tmp_path,
+    state,
+    *,
+    textual: str,
+    name: str = "captioning",
+    visual: str = "torchvision::resnet18",
+    feature: int = 512,
+    vocab: int = 200,
+    extra: dict | None = None,
+):
     torch.save({"model": state, "optimizer": {}}, tmp_path / "ckpt.pth")
     cfg = {
-        "MODEL": {"NAME": name, "VISUAL": {"NAME": visual, "FEATURE_SIZE": feature},
-                  "TEXTUAL": {"NAME": textual}},
+        "MODEL": {
+            "NAME": name,
+            "VISUAL": {"NAME": visual, "FEATURE_SIZE": feature},
+            "TEXTUAL": {"NAME": textual},
+        },
         "DATA": {"VOCAB_SIZE": vocab, "TOKENIZER_MODEL": "vocab_200.model"},
         **(extra or {}),
     }
@@ -152,8 +183,9 @@ def _write_reference(tmp_path, state, *, textual: str, name: str = "captioning",
 
 @pytest.mark.parametrize("prenorm,layers", [(True, 2), (False, 2)])
 def test_prenorm_and_deeper_heads_match_a_reference_layout_oracle(tmp_path, prenorm, layers):
-    state, cnn, head = reference_style_state_dict("resnet18", 200, 64, layers, 2, 128, prenorm,
-                                                  bicaptioning=False)
+    state, cnn, head = reference_style_state_dict(
+        "resnet18", 200, 64, layers, 2, 128, prenorm, bicaptioning=False
+    )
     norm = "prenorm" if prenorm else "postnorm"
     ckpt, cfg = _write_reference(tmp_path, state, textual=f"transdec_{norm}::L{layers}_H64_A2_F128")
     result = import_reference(ckpt, cfg, str(PARITY / "vocab_200.model"), str(tmp_path / "out"))
@@ -186,15 +218,28 @@ def test_classification_checkpoint_imports_its_linear_layer(tmp_path):
     assert model.task == "multilabel_classification"
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"extra": {"MODEL": {"NAME": "captioning", "VISUAL": {"NAME": "torchvision::resnet18"},
-                          "TEXTUAL": {"NAME": "transdec_postnorm::L1_H64_A2_F128"},
-                          "SHINY": 1}}}, "MODEL.SHINY"),
-    ({"extra": {"OPTIM": {"OPTIMIZER_NAME": "adamw"}}}, "OPTIM.OPTIMIZER_NAME"),
-    ({"textual": "transdec_postnorm::L1_H32_A2_F128"}, "textual_head.embedding.words.weight"),
-    ({"visual": "timm::vit_b16"}, "MODEL.VISUAL.NAME"),
-    ({"feature": 2048}, "MODEL.VISUAL.FEATURE_SIZE"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            {
+                "extra": {
+                    "MODEL": {
+                        "NAME": "captioning",
+                        "VISUAL": {"NAME": "torchvision::resnet18"},
+                        "TEXTUAL": {"NAME": "transdec_postnorm::L1_H64_A2_F128"},
+                        "SHINY": 1,
+                    }
+                }
+            },
+            "MODEL.SHINY",
+        ),
+        ({"extra": {"OPTIM": {"OPTIMIZER_NAME": "adamw"}}}, "OPTIM.OPTIMIZER_NAME"),
+        ({"textual": "transdec_postnorm::L1_H32_A2_F128"}, "textual_head.embedding.words.weight"),
+        ({"visual": "timm::vit_b16"}, "MODEL.VISUAL.NAME"),
+        ({"feature": 2048}, "MODEL.VISUAL.FEATURE_SIZE"),
+    ],
+)
 def test_bad_imports_stop_naming_the_key(tmp_path, change, message):
     state, _, _ = reference_style_state_dict("resnet18", 200, 64, 1, 2, 128, False, False)
     kwargs = {"textual": "transdec_postnorm::L1_H64_A2_F128", **change}
@@ -206,17 +251,26 @@ def test_bad_imports_stop_naming_the_key(tmp_path, change, message):
 def test_tied_tensors_that_differ_are_refused(tmp_path):
     state, _, _ = reference_style_state_dict("resnet18", 200, 64, 1, 2, 128, False, True)
     state["backward_textual.output.bias"] = state["textual.output.bias"] + 1
-    ckpt, cfg = _write_reference(tmp_path, state, textual="transdec_postnorm::L1_H64_A2_F128",
-                                 name="virtex")
+    ckpt, cfg = _write_reference(
+        tmp_path, state, textual="transdec_postnorm::L1_H64_A2_F128", name="virtex"
+    )
     with pytest.raises(ReferenceImportError, match="backward_textual.output.bias"):
         import_reference(ckpt, cfg, str(PARITY / "vocab_200.model"), str(tmp_path / "out"))
 
 
 def test_translation_maps_the_schedule_and_protocol():
-    t = translate_config({"MODEL": {"NAME": "virtex"},
-                          "OPTIM": {"LR_DECAY_NAME": "multistep", "LR_STEPS": [10, 20],
-                                    "CNN_LR": 0.3, "NUM_ITERATIONS": 30},
-                          "DATA": {"IMAGE_TRANSFORM_TRAIN": ["random_resized_crop", "normalize"]}})
+    t = translate_config(
+        {
+            "MODEL": {"NAME": "virtex"},
+            "OPTIM": {
+                "LR_DECAY_NAME": "multistep",
+                "LR_STEPS": [10, 20],
+                "CNN_LR": 0.3,
+                "NUM_ITERATIONS": 30,
+            },
+            "DATA": {"IMAGE_TRANSFORM_TRAIN": ["random_resized_crop", "normalize"]},
+        }
+    )
     v = t.values
     assert v["SOLVER.LR_SCHEDULER_NAME"] == "WarmupMultiStepLR" and v["SOLVER.STEPS"] == (10, 20)
     assert v["SOLVER.BASE_LR"] == 0.3 and v["SOLVER.MAX_ITER"] == 30
@@ -228,10 +282,21 @@ def test_translation_maps_the_schedule_and_protocol():
 def test_import_tool_cli_exit_status(tmp_path):
     shutil.copy(PARITY / "reference_config.yaml", tmp_path / "config.yaml")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "import_reference.py"), "--checkpoint",
-         str(tmp_path / "missing.pth"), "--config", str(tmp_path / "config.yaml"), "--vocab",
-         str(PARITY / "vocab_200.model"), "--output", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tools" / "import_reference.py"),
+            "--checkpoint",
+            str(tmp_path / "missing.pth"),
+            "--config",
+            str(tmp_path / "config.yaml"),
+            "--vocab",
+            str(PARITY / "vocab_200.model"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2 and "missing.pth" in proc.stderr
 

@@ -1,5 +1,8 @@
 """Downstream detection configs: they merge, build, encode the paper's protocols, and the
 synthetic ones train on CPU (SyncBN in one process, the extra-norm C4 head on VOC-format data)."""
+
+from __future__ import annotations
+
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -26,8 +29,11 @@ from virtex_d2.modeling.roi_heads import Res5ROIHeadsExtraNorm
 DETECTION = sorted((REPO / "configs" / "detection").glob("*.yaml"))
 SYNTHETIC = [
     REPO / "configs" / "synthetic" / n
-    for n in ("mask_rcnn_R_18_FPN.yaml", "lvis_mask_rcnn_R_18_FPN.yaml",
-              "voc_faster_rcnn_R_18_C4.yaml")
+    for n in (
+        "mask_rcnn_R_18_FPN.yaml",
+        "lvis_mask_rcnn_R_18_FPN.yaml",
+        "voc_faster_rcnn_R_18_C4.yaml",
+    )
 ]
 LEAVES = [p for p in DETECTION if not p.name.startswith("Base-")]
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
@@ -121,8 +127,11 @@ def test_synthetic_mask_rcnn_trains_with_syncbn_on_cpu():
         instances = _instances(h, w, n, g, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         batch.append({"image": image, "instances": instances})
     stem_norm = model.backbone.bottom_up.stem.conv1.norm
-    fpn_norms = [m for n, m in model.backbone.named_modules() if n.startswith("fpn_")
-                 and isinstance(m, nn.SyncBatchNorm)]
+    fpn_norms = [
+        m
+        for n, m in model.backbone.named_modules()
+        if n.startswith("fpn_") and isinstance(m, nn.SyncBatchNorm)
+    ]
     assert isinstance(stem_norm, nn.SyncBatchNorm) and fpn_norms
     before = stem_norm.running_mean.clone()
     with EventStorage():
@@ -138,9 +147,28 @@ def test_synthetic_mask_rcnn_trains_with_syncbn_on_cpu():
 
 
 # ------------------------------------------------------------------------------ VOC C4 training
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor")
+VOC_CLASSES = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 def write_tiny_voc(root: Path, n: int = 4) -> Path:

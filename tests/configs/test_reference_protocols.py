@@ -1,5 +1,6 @@
 """Protocols run as the reference implementation runs them (what the mappers, models and
 schedulers do, read from the shipped configs)."""
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,13 @@ def _crop_fractions(augs, image, n=400):
     return np.array(fractions)
 
 
-@pytest.mark.parametrize("config", ["classification/imagenet_linear_R_50_virtex.yaml",
-                                    "classification/inat18_finetune_R_50_virtex.yaml"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "classification/imagenet_linear_R_50_virtex.yaml",
+        "classification/inat18_finetune_R_50_virtex.yaml",
+    ],
+)
 def test_downstream_crops_sample_scale_from_0_08(config):
     random.seed(0)  # the crop box draws from Python's random
     augs = build_classification_augmentations(load_config(config), is_train=True)
@@ -79,8 +85,9 @@ def test_random_resized_crop_scale_and_ratio_distribution():
     for _ in range(3000):
         crop = aug.get_transform(image).transforms[0]
         ours.append((crop.w * crop.h / (h * w), math.log(crop.w / crop.h)))
-        _, _, ch, cw = TV.RandomResizedCrop.get_params(Image.new("RGB", (w, h)), [0.2, 1.0],
-                                                       [3 / 4, 4 / 3])
+        _, _, ch, cw = TV.RandomResizedCrop.get_params(
+            Image.new("RGB", (w, h)), [0.2, 1.0], [3 / 4, 4 / 3]
+        )
         theirs.append((cw * ch / (h * w), math.log(cw / ch)))
     ours, theirs = np.array(ours), np.array(theirs)
     assert 0.19 < ours[:, 0].min() and ours[:, 0].max() <= 1.0
@@ -98,12 +105,15 @@ def _residual_last_norms(module: nn.Module):
             yield m.conv2.norm
 
 
-@pytest.mark.parametrize("config,where", [
-    ("detection/coco_mask_rcnn_R_50_FPN_2x_random.yaml", "backbone.bottom_up"),
-    ("detection/voc_faster_rcnn_R_50_C4_24k_random.yaml", "backbone"),
-    ("detection/voc_faster_rcnn_R_50_C4_24k_random.yaml", "roi_heads.res5"),
-    ("classification/voc07_svm_R_50_random.yaml", "backbone"),
-])
+@pytest.mark.parametrize(
+    "config,where",
+    [
+        ("detection/coco_mask_rcnn_R_50_FPN_2x_random.yaml", "backbone.bottom_up"),
+        ("detection/voc_faster_rcnn_R_50_C4_24k_random.yaml", "backbone"),
+        ("detection/voc_faster_rcnn_R_50_C4_24k_random.yaml", "roi_heads.res5"),
+        ("classification/voc07_svm_R_50_random.yaml", "backbone"),
+    ],
+)
 def test_random_init_baselines_zero_the_last_bn_of_each_residual_branch(config, where):
     model = build_model(load_config(config))
     module = model.get_submodule(where)
@@ -111,23 +121,31 @@ def test_random_init_baselines_zero_the_last_bn_of_each_residual_branch(config, 
     assert len(norms) >= 3
     assert all(float(n.weight.detach().abs().sum()) == 0 for n in norms)
     # ... and only those: the other norms start at 1.
-    other = [m for m in module.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))
-             and all(m is not n for n in norms)]
+    other = [
+        m
+        for m in module.modules()
+        if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and all(m is not n for n in norms)
+    ]
     assert other and all(float(m.weight.detach().min()) == 1.0 for m in other)
 
 
 def test_lvis_imagenet_baseline_freezes_bn_and_drops_the_fpn_norm():
     model = build_model(load_config("detection/lvis_mask_rcnn_R_50_FPN_2x_imagenet.yaml"))
-    norms = [m for m in model.backbone.bottom_up.modules() if isinstance(m, nn.Module)
-             and "norm" in type(m).__name__.lower()]
+    norms = [
+        m
+        for m in model.backbone.bottom_up.modules()
+        if isinstance(m, nn.Module) and "norm" in type(m).__name__.lower()
+    ]
     assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
     assert model.backbone.fpn_lateral2.norm is None and model.backbone.fpn_output5.norm is None
     virtex = build_model(load_config("detection/lvis_mask_rcnn_R_50_FPN_2x_virtex.yaml"))
     assert isinstance(virtex.backbone.fpn_lateral2.norm, nn.SyncBatchNorm)
 
 
-@pytest.mark.parametrize("config", ["pretrain/bicaptioning_R_101_L1_H1024.yaml",
-                                    "pretrain/bicaptioning_R_50W2X_L1_H1024.yaml"])
+@pytest.mark.parametrize(
+    "config",
+    ["pretrain/bicaptioning_R_101_L1_H1024.yaml", "pretrain/bicaptioning_R_50W2X_L1_H1024.yaml"],
+)
 def test_backbone_ablation_models_use_the_base_textual_head(config):
     from unittest import mock
 
@@ -139,11 +157,15 @@ def test_backbone_ablation_models_use_the_base_textual_head(config):
 
 
 def test_multilabel_pretraining_drops_images_without_instances():
-    records = [{"file_name": f"{i}.jpg", "labels": labels}
-               for i, labels in enumerate([[1], [], [2, 3], []])]
+    records = [
+        {"file_name": f"{i}.jpg", "labels": labels}
+        for i, labels in enumerate([[1], [], [2, 3], []])
+    ]
     cfg = load_config("synthetic/multilabel_classification_R_18.yaml")
     assert [r["file_name"] for r in drop_unlabelled_for_multilabel(cfg, records)] == [
-        "0.jpg", "2.jpg"]
+        "0.jpg",
+        "2.jpg",
+    ]
     captioning = load_config("synthetic/bicaptioning_R_18.yaml")
     assert drop_unlabelled_for_multilabel(captioning, records) == records
 
@@ -151,8 +173,15 @@ def test_multilabel_pretraining_drops_images_without_instances():
 def test_cosine_decay_is_counted_after_warmup():
     """Reference schedule: linear warm-up to the peak, then a cosine over the remaining steps
     (Detectron2's WarmupCosineLR would already have decayed by the end of warm-up)."""
-    cfg = load_config("pretrain/bicaptioning_R_50_L1_H1024.yaml", "SOLVER.MAX_ITER", "110",
-               "SOLVER.WARMUP_ITERS", "10", "SOLVER.BASE_LR", "1.0")
+    cfg = load_config(
+        "pretrain/bicaptioning_R_50_L1_H1024.yaml",
+        "SOLVER.MAX_ITER",
+        "110",
+        "SOLVER.WARMUP_ITERS",
+        "10",
+        "SOLVER.BASE_LR",
+        "1.0",
+    )
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_lr_scheduler(cfg, opt)
     lrs = []
@@ -194,9 +223,11 @@ def test_imported_reference_resize_is_used_by_the_caption_mapper():
     from virtex_d2.data.caption_mapper import build_caption_augmentations
 
     cfg = load_config("synthetic/bicaptioning_R_18.yaml", "INPUT.VIRTEX.RESIZE_ANTIALIAS", "False")
-    train = build_caption_augmentations(cfg, True)[0].get_transform(np.zeros((300, 400, 3),
-                                                                              np.uint8))
+    train = build_caption_augmentations(cfg, True)[0].get_transform(
+        np.zeros((300, 400, 3), np.uint8)
+    )
     assert isinstance(train.transforms[1], LinearResizeTransform)
-    test = build_caption_augmentations(cfg, False)[0].get_transform(np.zeros((300, 400, 3),
-                                                                             np.uint8))
+    test = build_caption_augmentations(cfg, False)[0].get_transform(
+        np.zeros((300, 400, 3), np.uint8)
+    )
     assert isinstance(test, LinearResizeTransform) and (test.new_h, test.new_w) == (128, 171)

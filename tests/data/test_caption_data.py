@@ -1,4 +1,7 @@
 """Tokenizer, augmentations and the caption dataset mapper."""
+
+from __future__ import annotations
+
 import json
 import pickle
 
@@ -17,13 +20,16 @@ from virtex_d2.data.transforms import (
 )
 
 
-@pytest.mark.parametrize("before,after", [
-    ("a cat left of a dog", "a cat right of a dog"),
-    ("Left and RIGHT, right?", "Right and LEFT, left?"),
-    ("a bright light on the left-hand side", "a bright light on the right-hand side"),
-    ("the rights of leftovers", "the rights of leftovers"),
-    ("bright lefty copyright", "bright lefty copyright"),
-])
+@pytest.mark.parametrize(
+    "before,after",
+    [
+        ("a cat left of a dog", "a cat right of a dog"),
+        ("Left and RIGHT, right?", "Right and LEFT, left?"),
+        ("a bright light on the left-hand side", "a bright light on the right-hand side"),
+        ("the rights of leftovers", "the rights of leftovers"),
+        ("bright lefty copyright", "bright lefty copyright"),
+    ],
+)
 def test_flip_swaps_whole_words_only(before, after):
     assert swap_left_right(before) == after
     assert swap_left_right(after) == before
@@ -103,14 +109,28 @@ def test_mlm_reference_rule_counts_and_targets():
 
 def _record(tmp_path, caption, size=(80, 60)):
     path = tmp_path / "img.jpg"
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (size[1], size[0], 3), np.uint8)).save(path)
-    return {"file_name": str(path), "image_id": 7, "height": size[1], "width": size[0],
-            "captions": [caption], "labels": [1, 4]}
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (size[1], size[0], 3), np.uint8)).save(
+        path
+    )
+    return {
+        "file_name": str(path),
+        "image_id": 7,
+        "height": size[1],
+        "width": size[0],
+        "captions": [caption],
+        "labels": [1, 4],
+    }
 
 
-@pytest.mark.parametrize("task,key", [("bicaptioning", "noitpac_tokens"), ("masked_lm", "mlm_labels"),
-                                      ("token_classification", "token_bag"),
-                                      ("multilabel_classification", "labels")])
+@pytest.mark.parametrize(
+    "task,key",
+    [
+        ("bicaptioning", "noitpac_tokens"),
+        ("masked_lm", "mlm_labels"),
+        ("token_classification", "token_bag"),
+        ("multilabel_classification", "labels"),
+    ],
+)
 def test_mapper_outputs_task_targets(tmp_path, tokenizer, task, key):
     cfg = virtex_cfg(task, tokenizer_path=tokenizer.path, vocab_size=len(tokenizer))
     cfg.INPUT.VIRTEX.CROP_SIZE = 32
@@ -160,12 +180,20 @@ def test_build_vocabulary_cli(tmp_path):
     sys.path.insert(0, str(REPO / "tools"))
     import build_vocabulary
 
-    caps = write_captions_json(tmp_path / "c.json", ["a red circle left of a square"] * 3
-                               + ["two blue stars above a green triangle"] * 3)
-    assert build_vocabulary.main(["--captions", str(caps), "--vocab-size", "60",
-                                  "--output", str(tmp_path / "v.json")]) == 0
+    caps = write_captions_json(
+        tmp_path / "c.json",
+        ["a red circle left of a square"] * 3 + ["two blue stars above a green triangle"] * 3,
+    )
+    assert (
+        build_vocabulary.main(
+            ["--captions", str(caps), "--vocab-size", "60", "--output", str(tmp_path / "v.json")]
+        )
+        == 0
+    )
     tok = CaptionTokenizer(tmp_path / "v.json")
     assert tok.decode(tok.encode("two blue stars")) == "two blue stars"
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
-    assert build_vocabulary.main(["--captions", str(bad), "--output", str(tmp_path / "x.json")]) == 1
+    assert (
+        build_vocabulary.main(["--captions", str(bad), "--output", str(tmp_path / "x.json")]) == 1
+    )

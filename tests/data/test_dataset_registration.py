@@ -1,5 +1,8 @@
 """Dataset registration rooted at $DETECTRON2_DATASETS, automatic generation of the
 synthetic data, and the COCO Captions loader on real COCO files."""
+
+from __future__ import annotations
+
 import contextlib
 import importlib
 import json
@@ -67,10 +70,18 @@ def generated(root):
     (a partial file, no marker) and a lock left by a dead process."""
     (root / "synthetic" / "annotations").mkdir(parents=True)
     (root / "synthetic" / "annotations" / "captions_train.json").write_text('{"images": [')
-    subprocess.run([sys.executable, "-c", "import os, sys\n"
-                    "from iopath.common.file_io import file_lock\n"
-                    "file_lock(sys.argv[1]).acquire()\nos._exit(1)",
-                    str(root / "synthetic")], check=False, timeout=60)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            "from iopath.common.file_io import file_lock\n"
+            "file_lock(sys.argv[1]).acquire()\nos._exit(1)",
+            str(root / "synthetic"),
+        ],
+        check=False,
+        timeout=60,
+    )
     assert (root / "synthetic.lock").is_file()
     # Fail here, not after ensure_synthetic_dataset's 15-minute wait, if the lock is not freed.
     lock = file_lock(str(root / "synthetic"))

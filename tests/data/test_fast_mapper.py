@@ -1,6 +1,9 @@
 """The pretraining mapper's fast JPEG path (data/fast_decode.py): random draws distributed as
 configured, the same pixels as the general path, DCT-scaled decoding only where it keeps the
 output resolution, and the image-reading policy kept for everything else."""
+
+from __future__ import annotations
+
 import io
 import math
 import random
@@ -150,8 +153,9 @@ def test_fast_path_on_grey_and_progressive_jpegs(tmp_path, mapper_for):
     for path in (grey, progressive):
         assert probe_plain_jpeg(path.read_bytes()) == (120, 90)
         _seed(3)
-        assert torch.equal(mapper(_record(path))["image"], _general(mapper, _record(path),
-                                                                    3)["image"])
+        assert torch.equal(
+            mapper(_record(path))["image"], _general(mapper, _record(path), 3)["image"]
+        )
 
 
 @needs_photos
@@ -216,15 +220,16 @@ def test_unusual_files_leave_the_fast_path(tmp_path):
 
 
 def test_broken_jpegs_raise_unreadable_image_error_naming_the_file(tmp_path, mapper_for):
-    good = _jpeg(tmp_path, "good.jpg", Image.new("RGB", (64, 48), (10, 200, 30)),
-                 quality=95).read_bytes()
+    good = _jpeg(
+        tmp_path, "good.jpg", Image.new("RGB", (64, 48), (10, 200, 30)), quality=95
+    ).read_bytes()
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(good[: len(good) // 2])
     # Header and end marker intact, but the scan claims 9 components: OpenCV refuses it after
     # the header checks passed, and Pillow, which then decides, raises.
     sos = good.index(b"\xff\xda")
     bad_scan = tmp_path / "bad_scan.jpg"
-    bad_scan.write_bytes(good[: sos + 4] + b"\x09" + good[sos + 5:])
+    bad_scan.write_bytes(good[: sos + 4] + b"\x09" + good[sos + 5 :])
     assert probe_plain_jpeg(bad_scan.read_bytes()) == (64, 48)
     mapper = mapper_for(crop=32)
     for path in (truncated, bad_scan, tmp_path / "missing.jpg"):
@@ -240,8 +245,12 @@ def test_pipeline_only_for_the_pretraining_augmentations():
     assert FastCropPipeline.from_augmentations([crop, flip, ColorJitter()]) is not None
     assert FastCropPipeline.from_augmentations([crop]) is not None
     assert FastCropPipeline.from_augmentations([flip, crop]) is None
-    assert FastCropPipeline.from_augmentations([crop, T.RandomFlip(prob=0.5, horizontal=False,
-                                                                   vertical=True)]) is None
+    assert (
+        FastCropPipeline.from_augmentations(
+            [crop, T.RandomFlip(prob=0.5, horizontal=False, vertical=True)]
+        )
+        is None
+    )
 
 
 @needs_photos
@@ -251,12 +260,16 @@ def test_antialiased_resize_is_pillows_within_one_grey_level():
     for photo in PHOTOS[:6]:
         image = load_image_rgb(str(photo))
         x0, y0, cw, ch = crop.sample_box(*image.shape[:2])
-        part = image[y0:y0 + ch, x0:x0 + cw]
+        part = image[y0 : y0 + ch, x0 : x0 + cw]
         ours = AntialiasedResizeTransform(ch, cw, 224, 224).apply_image(part)
         pillow = np.asarray(Image.fromarray(part).resize((224, 224), Image.BILINEAR))
         assert np.abs(ours.astype(int) - pillow).max() <= 1
-        public = F.interpolate(torch.from_numpy(part.copy()).permute(2, 0, 1)[None],
-                               size=(224, 224), mode="bilinear", antialias=True)
+        public = F.interpolate(
+            torch.from_numpy(part.copy()).permute(2, 0, 1)[None],
+            size=(224, 224),
+            mode="bilinear",
+            antialias=True,
+        )
         public = public[0].permute(1, 2, 0).numpy()
         assert np.array_equal(ours, public)
 
@@ -268,9 +281,11 @@ def test_colour_jitter_matches_pillows_image_enhance():
     image = np.asarray(Image.open(PHOTOS[1]).convert("RGB").resize((96, 96)))
     pil = Image.fromarray(image)
     # (operation, factors, Pillow's result, tolerance: OpenCV's grey differs in a few pixels)
-    cases = [(0, (1.3, 1, 1, 0), ImageEnhance.Brightness(pil).enhance(1.3), 0),
-             (1, (1, 0.7, 1, 0), ImageEnhance.Contrast(pil).enhance(0.7), 0),
-             (2, (1, 1, 1.35, 0), ImageEnhance.Color(pil).enhance(1.35), 1)]
+    cases = [
+        (0, (1.3, 1, 1, 0), ImageEnhance.Brightness(pil).enhance(1.3), 0),
+        (1, (1, 0.7, 1, 0), ImageEnhance.Contrast(pil).enhance(0.7), 0),
+        (2, (1, 1, 1.35, 0), ImageEnhance.Color(pil).enhance(1.35), 1),
+    ]
     for op, factors, expected, tolerance in cases:
         out = ColorJitterTransform(*factors, order=[op]).apply_image(image)
         assert np.abs(out.astype(int) - np.asarray(expected)).max() <= tolerance

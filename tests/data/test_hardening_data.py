@@ -1,5 +1,8 @@
 """Bad inputs: image files, caption json, instance json; skip-and-count and its threshold; the
 resumable loader's determinism (README "Failure behaviour")."""
+
+from __future__ import annotations
+
 import json
 import os
 import shutil
@@ -64,8 +67,14 @@ def caption_cfg(tokenizer, max_len=30):
 
 
 def record(path, h=64, w=64, image_id=0, **extra):
-    return {"file_name": str(path), "image_id": image_id, "height": h, "width": w,
-            "captions": ["a red circle left of a blue square"], **extra}
+    return {
+        "file_name": str(path),
+        "image_id": image_id,
+        "height": h,
+        "width": w,
+        "captions": ["a red circle left of a blue square"],
+        **extra,
+    }
 
 
 def close(pixel, expected, tol):
@@ -75,9 +84,13 @@ def close(pixel, expected, tol):
 # ---------------------------------------------------------------------------- image formats
 def test_pixel_formats_and_exif_decode_to_upright_rgb(images, tokenizer):
     mapper = CaptionDatasetMapper(caption_cfg(tokenizer), is_train=False)
-    expected = {"rgb.jpg": ((200, 40, 40), 8), "gray.png": ((100, 100, 100), 1),
-                "cmyk.jpg": ((200, 40, 40), 12), "rgba.png": ((255, 255, 255), 0),
-                "gray16.png": ((128, 128, 128), 1)}
+    expected = {
+        "rgb.jpg": ((200, 40, 40), 8),
+        "gray.png": ((100, 100, 100), 1),
+        "cmyk.jpg": ((200, 40, 40), 12),
+        "rgba.png": ((255, 255, 255), 0),
+        "gray16.png": ((128, 128, 128), 1),
+    }
     for name, (colour, tol) in expected.items():
         out = mapper(record(images / name))["image"]
         assert out.shape == (3, 64, 64) and out.dtype == torch.uint8, name
@@ -99,8 +112,15 @@ def detection_cfg(fmt="RGB"):
 
 
 def instance_record(path, h, w, box):
-    return {"file_name": str(path), "image_id": 1, "height": h, "width": w, "annotations": [
-        {"bbox": box, "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0}]}
+    return {
+        "file_name": str(path),
+        "image_id": 1,
+        "height": h,
+        "width": w,
+        "annotations": [
+            {"bbox": box, "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0}
+        ],
+    }
 
 
 def test_detectron2_mapper_failures_are_skipped_and_counted(images, tmp_path):
@@ -109,16 +129,26 @@ def test_detectron2_mapper_failures_are_skipped_and_counted(images, tmp_path):
     resumable loader, named, and the threshold applies; the worker does not crash."""
     mapper = DatasetMapper(detection_cfg(), is_train=True)
     shutil.copy(images / "rgb.jpg", tmp_path / "wrong_size.jpg")
-    good = [instance_record(images / n, 64, 64, [8, 8, 16, 16])
-            for n in ("rgb.jpg", "gray.png", "cmyk.jpg")]
+    good = [
+        instance_record(images / n, 64, 64, [8, 8, 16, 16])
+        for n in ("rgb.jpg", "gray.png", "cmyk.jpg")
+    ]
     # EXIF-rotated photo whose json has the upright size: fine.
     good.append(instance_record(images / "exif.jpg", h=64, w=32, box=[0, 0, 32, 32]))
-    bad = [instance_record(images / "truncated.jpg", 64, 64, [8, 8, 16, 16]),
-           instance_record(images / "corrupt.jpg", 64, 64, [8, 8, 16, 16]),
-           instance_record(tmp_path / "wrong_size.jpg", h=32, w=64, box=[0, 0, 32, 32])]
+    bad = [
+        instance_record(images / "truncated.jpg", 64, 64, [8, 8, 16, 16]),
+        instance_record(images / "corrupt.jpg", 64, 64, [8, 8, 16, 16]),
+        instance_record(tmp_path / "wrong_size.jpg", h=32, w=64, box=[0, 0, 32, 32]),
+    ]
     records = [{**r, "image_id": i} for i, r in enumerate(good + bad)]
-    loader = ResumableTrainLoader(records, mapper, batch_size=2, num_workers=1, seed=1,
-                                  tracker=BadSampleTracker(len(records), 0.5))
+    loader = ResumableTrainLoader(
+        records,
+        mapper,
+        batch_size=2,
+        num_workers=1,
+        seed=1,
+        tracker=BadSampleTracker(len(records), 0.5),
+    )
     good_names = {os.path.basename(r["file_name"]) for r in good}
     for batch, _ in zip(loader, range(12)):  # 24 samples: every record drawn (3+ epochs)
         assert len(batch) == 2
@@ -130,8 +160,14 @@ def test_detectron2_mapper_failures_are_skipped_and_counted(images, tmp_path):
     assert reasons["corrupt.jpg"].startswith("UnidentifiedImageError")
     assert reasons["wrong_size.jpg"].startswith(SizeMismatchError.__name__)
 
-    strict = ResumableTrainLoader(records, mapper, batch_size=2, num_workers=1, seed=1,
-                                  tracker=BadSampleTracker(len(records), 0.2))
+    strict = ResumableTrainLoader(
+        records,
+        mapper,
+        batch_size=2,
+        num_workers=1,
+        seed=1,
+        tracker=BadSampleTracker(len(records), 0.2),
+    )
     with pytest.raises(BadDataError, match="VIRTEX_MAX_BAD_FRACTION = 0.2"):  # 2 of 7 > 1
         for _ in zip(range(12), strict):
             pass
@@ -158,8 +194,14 @@ def test_check_image_files_drops_missing_and_empty_before_training(images):
 def test_bad_images_are_replaced_counted_and_stop_the_run_above_the_threshold(images, tokenizer):
     mapper = CaptionDatasetMapper(caption_cfg(tokenizer), is_train=True)
     records = [record(images / n, image_id=i) for i, n in enumerate(GOOD + BROKEN)]
-    loader = ResumableTrainLoader(records, mapper, batch_size=4, num_workers=1, seed=3,
-                                  tracker=BadSampleTracker(len(records), 0.5))
+    loader = ResumableTrainLoader(
+        records,
+        mapper,
+        batch_size=4,
+        num_workers=1,
+        seed=3,
+        tracker=BadSampleTracker(len(records), 0.5),
+    )
     it = iter(loader)
     for _ in range(8):  # 32 samples: every record is drawn at least once (3+ epochs)
         batch = next(it)
@@ -171,8 +213,14 @@ def test_bad_images_are_replaced_counted_and_stop_the_run_above_the_threshold(im
     assert "UnreadableImageError" in bad["truncated.jpg"] and "empty" in bad["empty.jpg"]
     assert loader.tracker.replacements >= 4
 
-    strict = ResumableTrainLoader(records, mapper, batch_size=4, num_workers=1, seed=3,
-                                  tracker=BadSampleTracker(len(records), 0.25))
+    strict = ResumableTrainLoader(
+        records,
+        mapper,
+        batch_size=4,
+        num_workers=1,
+        seed=3,
+        tracker=BadSampleTracker(len(records), 0.25),
+    )
     with pytest.raises(BadDataError) as e:  # 3 of 10 > 2 allowed: raised in the main process
         for _ in zip(range(8), strict):
             pass
@@ -183,8 +231,14 @@ def test_bad_images_are_replaced_counted_and_stop_the_run_above_the_threshold(im
 def test_every_record_broken_stops_with_the_reasons_not_a_worker_traceback(images, tokenizer):
     mapper = CaptionDatasetMapper(caption_cfg(tokenizer), is_train=True)
     records = [record(images / n) for n in BROKEN[:2]]
-    loader = ResumableTrainLoader(records, mapper, batch_size=2, num_workers=1, seed=0,
-                                  tracker=BadSampleTracker(len(records), 1.0))
+    loader = ResumableTrainLoader(
+        records,
+        mapper,
+        batch_size=2,
+        num_workers=1,
+        seed=0,
+        tracker=BadSampleTracker(len(records), 1.0),
+    )
     with pytest.raises(BadDataError, match="records in a row failed") as e:
         next(iter(loader))
     assert "truncated.jpg" in str(e.value) and "Traceback" in str(e.value)
@@ -194,7 +248,8 @@ def test_every_record_broken_stops_with_the_reasons_not_a_worker_traceback(image
 def test_sample_stream_epochs_and_random_access():
     s = SampleStream(7, seed=5)
     assert sorted(s.epoch_indices(0)) == list(range(7)) and sorted(s.epoch_indices(3)) == list(
-        range(7))
+        range(7)
+    )
     assert list(s.epoch_indices(0)) != list(s.epoch_indices(1))
     seq = [s.index_at(p) for p in range(40)]
     fresh = SampleStream(7, seed=5)
@@ -233,12 +288,16 @@ def test_loader_output_depends_on_position_not_on_workers_or_start(synthetic, to
     def batches(workers, start, n):
         loader = ResumableTrainLoader(records, mapper, batch_size=3, num_workers=workers, seed=9)
         loader.start_iter = start
-        return [[(d["image_id"], d["caption"], d["image"]) for d in b] for b, _ in zip(loader,
-                                                                                      range(n))]
+        return [
+            [(d["image_id"], d["caption"], d["image"]) for d in b] for b, _ in zip(loader, range(n))
+        ]
 
     def same(a, b):
-        return all(x[0] == y[0] and x[1] == y[1] and torch.equal(x[2], y[2])
-                   for ba, bb in zip(a, b) for x, y in zip(ba, bb)) and len(a) == len(b)
+        return all(
+            x[0] == y[0] and x[1] == y[1] and torch.equal(x[2], y[2])
+            for ba, bb in zip(a, b)
+            for x, y in zip(ba, bb)
+        ) and len(a) == len(b)
 
     base = batches(0, 0, 4)
     assert same(batches(2, 0, 4), base)
@@ -275,8 +334,14 @@ def test_caption_json_policies(tmp_path, tokenizer, caplog):
     clipped = mapper.tokenize(long_caption)
     assert len(clipped) == 12 and clipped[-1] == EOS_ID
 
-    path.write_text(json.dumps({"images": images, "annotations": anns + [
-        {"id": 99, "image_id": 42, "caption": "an orphan"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": anns + [{"id": 99, "image_id": 42, "caption": "an orphan"}],
+            }
+        )
+    )
     with pytest.raises(ValueError, match="annotation id 99 refers to image id 42"):
         load_coco_captions_json(str(path), str(tmp_path))
     path.write_text(json.dumps({"images": [{"id": 0, "height": 1, "width": 1}], "annotations": []}))
@@ -309,19 +374,28 @@ def write_bad_instances(d):
         {"bbox": [5, 5, 0, 10], "segmentation": square, "image_id": 1},  # zero width
         {"bbox": [5, 5, 10, -4], "segmentation": square, "image_id": 1},  # negative height
         {"bbox": [50, 50, 40, 40], "segmentation": [[50, 50, 90, 50, 90, 90]], "image_id": 2},
-        {"bbox": [10, 10, 20, 20], "segmentation": [[10, 10, 30, 10, 30, 30], [1, 2, 3, 4]],
-         "image_id": 2},  # one valid polygon, one with 2 points
+        {
+            "bbox": [10, 10, 20, 20],
+            "segmentation": [[10, 10, 30, 10, 30, 30], [1, 2, 3, 4]],
+            "image_id": 2,
+        },  # one valid polygon, one with 2 points
         {"bbox": [10, 10, 20, 20], "segmentation": [], "image_id": 3},  # empty polygon list
-        {"bbox": [100, 100, 10, 10], "segmentation": [[100, 100, 110, 100, 110, 110]],
-         "image_id": 3},  # entirely outside
+        {
+            "bbox": [100, 100, 10, 10],
+            "segmentation": [[100, 100, 110, 100, 110, 110]],
+            "image_id": 3,
+        },  # entirely outside
         {"segmentation": square, "image_id": 3},  # no bbox
     ]
     for k, a in enumerate(anns):
         a.update(id=k + 1, category_id=1 + k % 2, iscrowd=0, area=100.0)
-    data = {"images": [{"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 64}
-                       for i in (1, 2, 3)],
-            "annotations": anns,
-            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    data = {
+        "images": [
+            {"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 64} for i in (1, 2, 3)
+        ],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
     (d / "instances.json").write_text(json.dumps(data))
     return d / "instances.json"
 
@@ -362,15 +436,40 @@ def test_mask_rcnn_trains_on_the_bad_instance_json(tmp_path):
     cfg = get_cfg()
     add_virtex_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / "synthetic" / "mask_rcnn_R_18_FPN.yaml"))
-    cfg.merge_from_list([
-        "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "MODEL.WEIGHTS", "",
-        "MODEL.ROI_HEADS.NUM_CLASSES", "2", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
-        "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "32", "MODEL.FPN.OUT_CHANNELS", "32",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100",
-        "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False",
-        "OUTPUT_DIR", str(tmp_path / "out"),
-    ])
+    cfg.merge_from_list(
+        [
+            "DATASETS.TRAIN",
+            f"('{name}',)",
+            "DATASETS.TEST",
+            "()",
+            "MODEL.WEIGHTS",
+            "",
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            "2",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            "16",
+            "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+            "32",
+            "MODEL.FPN.OUT_CHANNELS",
+            "32",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MAX_SIZE_TRAIN",
+            "96",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "100",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "TEST.PRECISE_BN.ENABLED",
+            "False",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ]
+    )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -387,8 +486,16 @@ def test_annotation_file_rejected_by_detectron2_stops_before_training(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "train2017" / "1.jpg")
     data = {
         "images": [{"id": 1, "height": 64, "width": 64, "coco_url": "http://x/train2017/1.jpg"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9],
-                         "area": 81.0, "segmentation": [[1, 1, 9, 1]]}],  # 2 points
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [1, 1, 9, 9],
+                "area": 81.0,
+                "segmentation": [[1, 1, 9, 1]],
+            }
+        ],  # 2 points
         "categories": [{"id": 1, "name": "a", "frequency": "f", "image_count": 1}],
     }
     path = tmp_path / "lvis_bad.json"

@@ -1,5 +1,8 @@
 """The synthetic shapes generator: determinism, valid COCO / LVIS / captions files, and
 captions that are true of the generated geometry."""
+
+from __future__ import annotations
+
 import functools
 import json
 import multiprocessing

@@ -1,5 +1,8 @@
 """WebDataset shards (README "Web-scale data"): make_shards output, shard splitting across ranks
 and workers, deterministic shuffling, exact resume of the stream, and bad-sample skip-and-count."""
+
+from __future__ import annotations
+
 import io
 import json
 import shutil
@@ -27,11 +30,29 @@ def keys_only(record: dict) -> dict:
     return {"file_name": record["file_name"], "captions": record["captions"]}
 
 
-def loader(urls, *, rank=0, world=1, workers=2, seed=5, batch=3, mapper=keys_only,
-           fraction=0.01, buffer=100):
-    return StreamingTrainLoader(urls, mapper, batch_size=batch, num_workers=workers, seed=seed,
-                                max_bad_fraction=fraction, shuffle_buffer=buffer, rank=rank,
-                                world_size=world)
+def loader(
+    urls,
+    *,
+    rank=0,
+    world=1,
+    workers=2,
+    seed=5,
+    batch=3,
+    mapper=keys_only,
+    fraction=0.01,
+    buffer=100,
+):
+    return StreamingTrainLoader(
+        urls,
+        mapper,
+        batch_size=batch,
+        num_workers=workers,
+        seed=seed,
+        max_bad_fraction=fraction,
+        shuffle_buffer=buffer,
+        rank=rank,
+        world_size=world,
+    )
 
 
 def take(data_loader, n: int) -> list[list[str]]:
@@ -44,8 +65,9 @@ def test_make_shards_keeps_every_caption_one_sample_per_image(shards, synthetic)
     assert shards["shards"] == NUM_IMAGES // PER_SHARD and shards["samples"] == NUM_IMAGES
     assert shards["pattern"].endswith("{00000..00007}.tar") and not shards["skipped"]
     assert sorted(p.name for p in shards["dir"].iterdir()) == [f"{i:05d}.tar" for i in range(8)]
-    gt = json.loads((synthetic["root"] / "synthetic" / "annotations" / "captions_train.json")
-                    .read_text())
+    gt = json.loads(
+        (synthetic["root"] / "synthetic" / "annotations" / "captions_train.json").read_text()
+    )
     by_image = {}
     for a in gt["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a["caption"].strip())
@@ -63,11 +85,19 @@ def test_make_shards_keeps_every_caption_one_sample_per_image(shards, synthetic)
 @needs_coco_tiny
 def test_make_shards_on_real_coco_captions_with_split_dirs(tmp_path):
     out = tmp_path / "coco"
-    summary = make_shards.make_shards(str(COCO_TINY / "annotations" / "captions_subset.json"),
-                                      str(COCO_TINY), str(out), 5, progress=False)
+    summary = make_shards.make_shards(
+        str(COCO_TINY / "annotations" / "captions_subset.json"),
+        str(COCO_TINY),
+        str(out),
+        5,
+        progress=False,
+    )
     assert summary["samples"] == 17 and summary["shards"] == 4 and summary["captions"] == 85
-    records = [r for url in expand_shards([f"webdataset:{out}/*.tar"])
-               for r in wds.WebDataset(url, shardshuffle=False)]
+    records = [
+        r
+        for url in expand_shards([f"webdataset:{out}/*.tar"])
+        for r in wds.WebDataset(url, shardshuffle=False)
+    ]
     assert len({r["__key__"] for r in records}) == 17
 
 
@@ -77,12 +107,20 @@ def test_make_shards_skips_missing_images_and_writes_no_temporary_file(synthetic
     shutil.copytree(base / "train", images)
     victim = sorted(images.iterdir())[3]
     victim.unlink()
-    summary = make_shards.make_shards(str(base / "annotations" / "captions_train.json"),
-                                      str(images), str(tmp_path / "out"), 10, progress=False)
+    summary = make_shards.make_shards(
+        str(base / "annotations" / "captions_train.json"),
+        str(images),
+        str(tmp_path / "out"),
+        10,
+        progress=False,
+    )
     assert summary["samples"] == NUM_IMAGES - 1 and summary["shards"] == 3
     assert list(summary["skipped"]) == [str(victim)]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "00000.tar", "00001.tar", "00002.tar"]
+        "00000.tar",
+        "00001.tar",
+        "00002.tar",
+    ]
 
 
 # ------------------------------------------------------------------------------------ splitting
@@ -104,7 +142,7 @@ def test_shuffling_is_deterministic_per_seed_and_changes_between_epochs(shards):
     # samples inside each shard: make_shards wrote them in key order, and not all stay so.
     shard_of = [name.split("#")[0] for name in first[0]]
     assert sum(a != b for a, b in zip(shard_of, shard_of[1:])) + 1 == 8
-    runs = [first[0][i:i + PER_SHARD] for i in range(0, NUM_IMAGES, PER_SHARD)]
+    runs = [first[0][i : i + PER_SHARD] for i in range(0, NUM_IMAGES, PER_SHARD)]
     assert any(run != sorted(run) for run in runs)
     assert sorted(shard_of) != shard_of  # and the shard order is shuffled too
 
@@ -156,14 +194,19 @@ def good(i: int) -> dict:
 
 @pytest.fixture
 def bad_shards(tmp_path):
-    write_shard(tmp_path / "a.tar", [
-        good(0), good(1),
-        {"__key__": "corrupt", "jpg": _jpeg(2)[:60], "txt": b"a blue square"},
-        {"__key__": "empty_caption", "jpg": _jpeg(3), "json": json.dumps({"caption": " "})},
-        {"__key__": "no_caption", "jpg": _jpeg(4), "json": json.dumps({"url": "x"})},
-        {"__key__": "no_image", "txt": b"a green triangle"},
-        good(5), good(6),
-    ])
+    write_shard(
+        tmp_path / "a.tar",
+        [
+            good(0),
+            good(1),
+            {"__key__": "corrupt", "jpg": _jpeg(2)[:60], "txt": b"a blue square"},
+            {"__key__": "empty_caption", "jpg": _jpeg(3), "json": json.dumps({"caption": " "})},
+            {"__key__": "no_caption", "jpg": _jpeg(4), "json": json.dumps({"url": "x"})},
+            {"__key__": "no_image", "txt": b"a green triangle"},
+            good(5),
+            good(6),
+        ],
+    )
     write_shard(tmp_path / "b.tar", [good(i) for i in range(10, 16)])
     return sorted(str(p) for p in tmp_path.glob("*.tar"))
 

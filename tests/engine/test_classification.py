@@ -1,5 +1,8 @@
 """Classification transfer: datasets, mapper, ImageClassifier (linear probe / fine-tuning),
 evaluator, VOC07 SVM protocol and tool (with its feature cache), configs."""
+
+from __future__ import annotations
+
 import json
 import uuid
 import xml.etree.ElementTree as ET

@@ -1,5 +1,6 @@
 """SOLVER.AMP.ENABLED on a CPU: bf16 autocast where the CPU has native bf16, fp32 (logged)
 elsewhere; Detectron2's AMPTrainer on GPUs."""
+
 from __future__ import annotations
 
 import logging
@@ -21,9 +22,16 @@ X86_PLAIN = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
 ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
 
 
-@pytest.mark.parametrize("text, expected", [
-    (X86_BF16, True), (X86_AMX, True), (ARM_BF16, True), (X86_PLAIN, False), ("", False),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (X86_BF16, True),
+        (X86_AMX, True),
+        (ARM_BF16, True),
+        (X86_PLAIN, False),
+        ("", False),
+    ],
+)
 def test_cpu_bf16_support_from_cpuinfo(text, expected):
     supported, why = cpu_bf16_support(text)
     assert supported is expected
@@ -120,19 +128,42 @@ def _loss_curve(synthetic, out, amp: bool, iters: int) -> tuple:
     cfg = get_cfg()
     virtex_d2.add_virtex_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"))
-    cfg.merge_from_list([
-        "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
-        "MODEL.VIRTEX.VOCAB_SIZE", str(synthetic["vocab_size"]),
-        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE", "64",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", "128",
-        "INPUT.VIRTEX.CROP_SIZE", "64",
-        "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.WARMUP_ITERS", "5", "SOLVER.CHECKPOINT_PERIOD", "1000",
-        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()",
-        "SOLVER.AMP.ENABLED", str(amp), "SOLVER.AMP.CPU_DTYPE", "auto",
-        "OUTPUT_DIR", str(out), "SEED", "3",
-    ])
+    cfg.merge_from_list(
+        [
+            "MODEL.VIRTEX.TOKENIZER",
+            synthetic["tokenizer"],
+            "MODEL.VIRTEX.VOCAB_SIZE",
+            str(synthetic["vocab_size"]),
+            "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
+            "64",
+            "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
+            "2",
+            "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
+            "128",
+            "INPUT.VIRTEX.CROP_SIZE",
+            "64",
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+            "SOLVER.MAX_ITER",
+            str(iters),
+            "SOLVER.WARMUP_ITERS",
+            "5",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "1000",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.AMP.ENABLED",
+            str(amp),
+            "SOLVER.AMP.CPU_DTYPE",
+            "auto",
+            "OUTPUT_DIR",
+            str(out),
+            "SEED",
+            "3",
+        ]
+    )
     # train_net.py seeds through default_setup; here both runs must start from the same weights.
     seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)
@@ -152,9 +183,11 @@ def _loss_curve(synthetic, out, amp: bool, iters: int) -> tuple:
 WINDOW, REL_TOL, STEP_TOL = 10, 0.01, 0.03
 
 
-@pytest.mark.skipif(not cpu_bf16_support()[0],
-                    reason="this CPU has no native bf16 (avx512_bf16 / amx_bf16 / Arm bf16): "
-                           f"{cpu_bf16_support()[1]}")
+@pytest.mark.skipif(
+    not cpu_bf16_support()[0],
+    reason="this CPU has no native bf16 (avx512_bf16 / amx_bf16 / Arm bf16): "
+    f"{cpu_bf16_support()[1]}",
+)
 def test_bf16_loss_curve_follows_fp32(synthetic, tmp_path):
     """50 bicaptioning R-18 iterations (same seed, so the same batches and dropout) in fp32 and
     with bf16 autocast: the windowed mean losses agree to REL_TOL, and both fall."""
@@ -163,8 +196,10 @@ def test_bf16_loss_curve_follows_fp32(synthetic, tmp_path):
     assert fp32_dtypes == {torch.float32} and bf16_dtypes == {torch.bfloat16}
     assert len(fp32) == len(bf16) == 50
     assert fp32[0] == pytest.approx(bf16[0], rel=1e-3)  # same weights and batch at step 0
-    means = [(sum(fp32[i:i + WINDOW]) / WINDOW, sum(bf16[i:i + WINDOW]) / WINDOW)
-             for i in range(0, 50, WINDOW)]
+    means = [
+        (sum(fp32[i : i + WINDOW]) / WINDOW, sum(bf16[i : i + WINDOW]) / WINDOW)
+        for i in range(0, 50, WINDOW)
+    ]
     rel = [abs(b - f) / f for f, b in means]
     assert max(rel) <= REL_TOL, f"windowed means (fp32, bf16): {means}"
     assert max(abs(b - f) / f for f, b in zip(fp32, bf16)) <= STEP_TOL

@@ -1,5 +1,8 @@
 """Crash-safe checkpoints, safe and checked loading, bad configs, non-finite losses
 (README "Failure behaviour")."""
+
+from __future__ import annotations
+
 import errno
 import io
 import os
@@ -30,16 +33,34 @@ MASK_RCNN = str(REPO / "configs" / "synthetic" / "mask_rcnn_R_18_FPN.yaml")
 
 def pretrain_opts(synthetic, out, iters=4, hidden=64):
     return [
-        "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
-        "MODEL.VIRTEX.VOCAB_SIZE", str(synthetic["vocab_size"]),
-        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE", str(hidden),
-        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", str(2 * hidden),
-        "INPUT.VIRTEX.CROP_SIZE", "64",
-        "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
-        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()",
-        "OUTPUT_DIR", str(out), "SEED", "7",
+        "MODEL.VIRTEX.TOKENIZER",
+        synthetic["tokenizer"],
+        "MODEL.VIRTEX.VOCAB_SIZE",
+        str(synthetic["vocab_size"]),
+        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
+        str(hidden),
+        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
+        "2",
+        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
+        str(2 * hidden),
+        "INPUT.VIRTEX.CROP_SIZE",
+        "64",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.WARMUP_ITERS",
+        "2",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(out),
+        "SEED",
+        "7",
     ]
 
 
@@ -101,7 +122,10 @@ def test_pointer_is_written_last_and_atomically(tmp_path, monkeypatch):
     # The new file is complete, but the pointer still names the older complete file.
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     assert sorted(os.listdir(tmp_path)) == [
-        "last_checkpoint", "model_0000001.pth", "model_0000003.pth"]
+        "last_checkpoint",
+        "model_0000001.pth",
+        "model_0000003.pth",
+    ]
     torch.load(tmp_path / "model_0000003.pth", weights_only=True)
 
 
@@ -159,8 +183,14 @@ def test_pickle_weights_need_an_explicit_opt_in(tmp_path, trained):
     Evil.marker = str(marker)
     pkl = tmp_path / "legacy.pkl"
     with open(pkl, "wb") as f:
-        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()},
-                     "__author__": "someone", "payload": Evil()}, f)
+        pickle.dump(
+            {
+                "model": {k: v.numpy() for k, v in model.state_dict().items()},
+                "__author__": "someone",
+                "payload": Evil(),
+            },
+            f,
+        )
     pth = tmp_path / "objects.pth"
     torch.save({"model": model.state_dict(), "payload": Evil()}, pth)
 
@@ -188,8 +218,9 @@ def test_wrong_architecture_weights_are_an_error_naming_the_keys(synthetic, trai
     det = build_model(load_config(MASK_RCNN, "MODEL.DEVICE", "cpu"))
     det_path = tmp_path / "mask_rcnn.pth"
     torch.save({"model": det.state_dict()}, det_path)
-    cfg = load_config(CAPTIONING, *pretrain_opts(synthetic, tmp_path / "a"),
-                   "MODEL.WEIGHTS", str(det_path))
+    cfg = load_config(
+        CAPTIONING, *pretrain_opts(synthetic, tmp_path / "a"), "MODEL.WEIGHTS", str(det_path)
+    )
     trainer = Trainer(cfg)
     with pytest.raises(WeightsMismatchError) as e:
         trainer.resume_or_load(resume=False)
@@ -199,12 +230,18 @@ def test_wrong_architecture_weights_are_an_error_naming_the_keys(synthetic, trai
     assert "roi_heads." in msg  # the checkpoint's own keys hint at what it is
 
     # A VirTex checkpoint of another width: shapes differ.
-    cfg = load_config(CAPTIONING, *pretrain_opts(synthetic, tmp_path / "b", hidden=32),
-                   "MODEL.WEIGHTS", str(trained["final"]))
+    cfg = load_config(
+        CAPTIONING,
+        *pretrain_opts(synthetic, tmp_path / "b", hidden=32),
+        "MODEL.WEIGHTS",
+        str(trained["final"]),
+    )
     model = build_model(cfg)
-    with pytest.raises(WeightsMismatchError,
-                       match=r"textual_head.embedding.words.weight: shape \(\d+, 64\) in the "
-                             r"checkpoint, \(\d+, 32\) in the model"):
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r"textual_head.embedding.words.weight: shape \(\d+, 64\) in the "
+        r"checkpoint, \(\d+, 32\) in the model",
+    ):
         build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
 
 
@@ -221,8 +258,9 @@ def test_detection_needs_the_backbone_but_not_the_heads(trained, tmp_path):
     save_d2_checkpoint(convert_checkpoint(str(trained["final"]), "virtex_d2"), str(converted))
     build_checkpointer(cfg, model).load(str(converted))  # heads missing: expected
     src = torch.load(trained["final"], weights_only=True)["model"]
-    assert torch.equal(model.backbone.bottom_up.stem.conv1.weight,
-                       src["backbone.stem.conv1.weight"])
+    assert torch.equal(
+        model.backbone.bottom_up.stem.conv1.weight, src["backbone.stem.conv1.weight"]
+    )
     with pytest.raises(WeightsMismatchError, match="roi_heads"):
         build_checkpointer(cfg, model, eval_only=True).load(str(converted))
 
@@ -243,8 +281,11 @@ def test_resume_requires_every_parameter(trained, tmp_path):
 # ----------------------------------------------------------------------------- configs
 def test_bad_config_keys_and_types_give_clear_errors(tmp_path):
     cfg = load_config(CAPTIONING)
-    with pytest.raises(ConfigError, match="unknown config key MODEL.VIRTEX.TEXTUAL_HEAD.HIDEN_SIZE"
-                                          ". Did you mean MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE"):
+    with pytest.raises(
+        ConfigError,
+        match="unknown config key MODEL.VIRTEX.TEXTUAL_HEAD.HIDEN_SIZE"
+        ". Did you mean MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
+    ):
         merge_config_checked(cfg.clone(), None, ["MODEL.VIRTEX.TEXTUAL_HEAD.HIDEN_SIZE", "64"])
     with pytest.raises(ConfigError, match=r"SOLVER.MAX_ITER takes an int .* got 'ten' \(str\)"):
         merge_config_checked(cfg.clone(), None, ["SOLVER.MAX_ITER", "ten"])
@@ -257,13 +298,26 @@ def test_bad_config_keys_and_types_give_clear_errors(tmp_path):
 def test_train_net_reports_a_bad_key_before_training(synthetic, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(synthetic["root"]))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", CAPTIONING,
-         "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITRE", "5"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_net.py"),
+            "--config-file",
+            CAPTIONING,
+            "OUTPUT_DIR",
+            str(tmp_path),
+            "SOLVER.MAX_ITRE",
+            "5",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     assert "unknown config key SOLVER.MAX_ITRE. Did you mean SOLVER.MAX_ITER?" in proc.stderr, (
-        proc.stderr[-3000:])
+        proc.stderr[-3000:]
+    )
     assert "Starting training" not in proc.stdout + proc.stderr
 
 
@@ -315,8 +369,12 @@ def test_amp_grad_scaler_state_is_checkpointed_and_restored(synthetic, tmp_path)
     def with_scaler(scale):
         t = Trainer(cfg)
         inner = t._trainer
-        t._trainer = AMPTrainer(inner.model, inner.data_loader, inner.optimizer,
-                                grad_scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+        t._trainer = AMPTrainer(
+            inner.model,
+            inner.data_loader,
+            inner.optimizer,
+            grad_scaler=torch.amp.GradScaler("cpu", init_scale=scale),
+        )
         return t
 
     first = with_scaler(2.0**10)
@@ -336,10 +394,19 @@ def test_schedule_that_never_leaves_warmup_stops_before_training(tmp_path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
-         str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"), "SOLVER.MAX_ITER", "30",
-         "OUTPUT_DIR", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_net.py"),
+            "--config-file",
+            str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"),
+            "SOLVER.MAX_ITER",
+            "30",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     assert "SOLVER.WARMUP_ITERS (40) >= SOLVER.MAX_ITER (30)" in proc.stderr

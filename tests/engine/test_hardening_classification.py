@@ -1,6 +1,9 @@
 """Classification trains through the same loader as pretraining and detection: a SIGKILLed run
 resumes to the weights of an uninterrupted one, and an unreadable image is skipped and counted
 under DATALOADER.VIRTEX_MAX_BAD_FRACTION (README "Failure behaviour")."""
+
+from __future__ import annotations
+
 import os
 import signal
 import subprocess
@@ -85,7 +88,9 @@ def test_sigkilled_classification_run_resumes_to_the_same_weights(synthetic, tmp
                                 marker=str(marker))  # fmt: skip
     returncode = sigkill_when_marker_appears(
         [sys.executable, "-c", child, "--config-file", FINETUNE, *opts(broken)],
-        marker, cwd=REPO, env=env(synthetic),
+        marker,
+        cwd=REPO,
+        env=env(synthetic),
     )
     assert returncode == -signal.SIGKILL
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"

@@ -4,6 +4,9 @@ time, naming the rank (README "Failure behaviour").
 Each run is launched from a child interpreter killed after the bound: a launcher that hangs
 fails its test with ``TimeoutExpired`` (and never hangs the suite), without timing assertions.
 """
+
+from __future__ import annotations
+
 import json
 import os
 import re
@@ -49,12 +52,16 @@ def _launch_bounded(fn, *args, timeout_s: float = 1800, bound_s: float = BOUND_S
     """The ProcessFailedError text of launching ``fn`` on 2 ranks; the child interpreter is
     killed (and the test fails) if the run has not ended within ``bound_s`` seconds."""
     here = Path(__file__).resolve().parent
-    path = os.pathsep.join([str(here), str(here.parent), str(REPO),
-                            os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join(
+        [str(here), str(here.parent), str(REPO), os.environ.get("PYTHONPATH", "")]
+    )
     code = "import sys, test_hardening_distributed as t; t.child_main(sys.argv[1])"
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps([fn.__name__, list(args), timeout_s])],
-        env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=bound_s,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=bound_s,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"error"')]
     assert lines, f"rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"

@@ -1,5 +1,8 @@
 """Exact resume: a run SIGKILLed between checkpoints and resumed with --resume ends with the same
 weights and optimizer state as an uninterrupted run (README "Failure behaviour")."""
+
+from __future__ import annotations
+
 import os
 import signal
 import subprocess
@@ -37,11 +40,24 @@ trainer.train()
 def opts(synthetic, out):
     return [
         *tiny_textual_head_opts(synthetic),
-        "INPUT.VIRTEX.CROP_SIZE", "48",  # random crops, flips and colour jitter stay on
-        "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(ITERS),
-        "SOLVER.WARMUP_ITERS", "3", "SOLVER.CHECKPOINT_PERIOD", "2",
-        "DATALOADER.NUM_WORKERS", "2", "DATASETS.TEST", "()",
-        "OUTPUT_DIR", str(out), "SEED", "11",
+        "INPUT.VIRTEX.CROP_SIZE",
+        "48",  # random crops, flips and colour jitter stay on
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.MAX_ITER",
+        str(ITERS),
+        "SOLVER.WARMUP_ITERS",
+        "3",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "2",
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(out),
+        "SEED",
+        "11",
     ]
 
 
@@ -52,9 +68,19 @@ def env(synthetic):
 
 def train_net(synthetic, out, *extra):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", CONFIG, *extra,
-         *opts(synthetic, out)],
-        cwd=REPO, env=env(synthetic), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_net.py"),
+            "--config-file",
+            CONFIG,
+            *extra,
+            *opts(synthetic, out),
+        ],
+        cwd=REPO,
+        env=env(synthetic),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -65,11 +91,14 @@ def test_sigkilled_run_resumes_to_the_same_weights(synthetic, tmp_path):
     train_net(synthetic, full)
 
     marker = tmp_path / "frozen"
-    child = KILLED_CHILD.format(tools=str(REPO / "tools"), kill_after=KILL_AFTER,
-                                marker=str(marker))
+    child = KILLED_CHILD.format(
+        tools=str(REPO / "tools"), kill_after=KILL_AFTER, marker=str(marker)
+    )
     returncode = sigkill_when_marker_appears(
         [sys.executable, "-c", child, "--config-file", CONFIG, *opts(synthetic, broken)],
-        marker, cwd=REPO, env=env(synthetic),
+        marker,
+        cwd=REPO,
+        env=env(synthetic),
     )
     assert returncode == -signal.SIGKILL
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"

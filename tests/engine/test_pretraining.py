@@ -1,4 +1,7 @@
 """Pretraining end to end: configs, train_net.py, overfitting, multi-process, resume."""
+
+from __future__ import annotations
+
 import glob
 import json
 import os
@@ -14,9 +17,14 @@ from helpers import REPO, load_config, tiny_textual_head_opts
 
 VIRTEX_CONFIGS = sorted(
     glob.glob(str(REPO / "configs" / "pretrain" / "*.yaml"))
-    + [p for p in glob.glob(str(REPO / "configs" / "synthetic" / "*.yaml"))
-       if any(t in os.path.basename(p) for t in ("captioning", "masked_lm", "classification_R",
-                                                  "VirTex"))]
+    + [
+        p
+        for p in glob.glob(str(REPO / "configs" / "synthetic" / "*.yaml"))
+        if any(
+            t in os.path.basename(p)
+            for t in ("captioning", "masked_lm", "classification_R", "VirTex")
+        )
+    ]
 )
 
 
@@ -37,25 +45,43 @@ def test_every_pretraining_config_merges_and_builds(path):
 def small_opts(synthetic, out_dir, iters=4, batch=4):
     return [
         *tiny_textual_head_opts(synthetic),
-        "MODEL.VIRTEX.DECODER.BEAM_SIZE", "2",
-        "MODEL.VIRTEX.DECODER.MAX_LENGTH", "8",
-        "INPUT.VIRTEX.CROP_SIZE", "64",
-        "INPUT.VIRTEX.TEST_RESIZE", "64",
-        "INPUT.VIRTEX.TEST_CROP_SIZE", "64",
-        "SOLVER.IMS_PER_BATCH", str(batch),
-        "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.WARMUP_ITERS", "2",
-        "SOLVER.CHECKPOINT_PERIOD", "2",
-        "DATALOADER.NUM_WORKERS", "0",
-        "OUTPUT_DIR", str(out_dir),
-        "SEED", "7",
+        "MODEL.VIRTEX.DECODER.BEAM_SIZE",
+        "2",
+        "MODEL.VIRTEX.DECODER.MAX_LENGTH",
+        "8",
+        "INPUT.VIRTEX.CROP_SIZE",
+        "64",
+        "INPUT.VIRTEX.TEST_RESIZE",
+        "64",
+        "INPUT.VIRTEX.TEST_CROP_SIZE",
+        "64",
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.WARMUP_ITERS",
+        "2",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "OUTPUT_DIR",
+        str(out_dir),
+        "SEED",
+        "7",
     ]
 
 
 def run_train_net(synthetic, *args):
     env = dict(os.environ, DETECTRON2_DATASETS=str(synthetic["root"]))
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "train_net.py"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train_net.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -72,11 +98,21 @@ def test_train_net_pretrains_checkpoints_and_evaluates_captions(synthetic, tmp_p
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
     assert list((tmp_path).glob("events.out.tfevents.*"))
 
-    log = run_train_net(synthetic, "--config-file", config, "--eval-only",
-                        *small_opts(synthetic, tmp_path / "eval"), "MODEL.WEIGHTS", str(final))
+    log = run_train_net(
+        synthetic,
+        "--config-file",
+        config,
+        "--eval-only",
+        *small_opts(synthetic, tmp_path / "eval"),
+        "MODEL.WEIGHTS",
+        str(final),
+    )
     assert "CIDEr" in log and "BLEU-4" in log and "ROUGE-L" in log
-    results = json.loads((tmp_path / "eval" / "inference" / "synthetic_captions_val" /
-                          "captions_results.json").read_text())
+    results = json.loads(
+        (
+            tmp_path / "eval" / "inference" / "synthetic_captions_val" / "captions_results.json"
+        ).read_text()
+    )
     assert len(results) == 8 and all(isinstance(r["caption"], str) for r in results)
 
 
@@ -86,8 +122,10 @@ def test_model_overfits_eight_images(synthetic):
     from virtex_d2.data.caption_mapper import CaptionDatasetMapper
 
     torch.manual_seed(0)
-    cfg = load_config(str(REPO / "configs" / "synthetic" / "captioning_R_18.yaml"),
-                   *small_opts(synthetic, "/nonexistent"))
+    cfg = load_config(
+        str(REPO / "configs" / "synthetic" / "captioning_R_18.yaml"),
+        *small_opts(synthetic, "/nonexistent"),
+    )
     cfg.MODEL.VIRTEX.TEXTUAL_HEAD.DROPOUT = 0.0
     mapper = CaptionDatasetMapper(cfg, is_train=False)  # fixed crops and captions
     batch = [mapper(r) for r in DatasetCatalog.get("synthetic_captions_train")[:8]]
@@ -115,8 +153,10 @@ def _ddp_worker(opts, out_dir):
     trainer.resume_or_load(resume=False)
     trainer.train()
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-    torch.save({k: v for k, v in model.state_dict().items()},
-               os.path.join(out_dir, f"rank{comm.get_rank()}.pt"))
+    torch.save(
+        {k: v for k, v in model.state_dict().items()},
+        os.path.join(out_dir, f"rank{comm.get_rank()}.pt"),
+    )
     assert comm.get_world_size() == 2 and comm.get_local_size() == 2
 
 
@@ -127,8 +167,9 @@ def test_two_process_gloo_training_keeps_ranks_identical(synthetic, tmp_path):
     launch(_ddp_worker, 2, args=(opts, str(tmp_path)))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    start = build_model(load_config(str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"),
-                                 *opts)).state_dict()
+    start = build_model(
+        load_config(str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"), *opts)
+    ).state_dict()
     params = [k for k in r0 if "running_" not in k and "num_batches" not in k]
     assert all(torch.equal(r0[k], r1[k]) for k in params)
     # ... and training did move them.

@@ -1,4 +1,8 @@
-"""Transfer end to end: VirTex checkpoint -> conversion -> Mask R-CNN fine-tuning -> COCO/LVIS AP."""
+"""Transfer end to end: VirTex checkpoint -> conversion -> Mask R-CNN fine-tuning -> COCO/LVIS
+AP."""
+
+from __future__ import annotations
+
 import json
 import math
 
@@ -14,12 +18,28 @@ from virtex_d2.checkpoint.convert import convert_checkpoint, save_d2_checkpoint
 from virtex_d2.engine.trainer import Trainer
 
 FAST = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False",
-    "SOLVER.CHECKPOINT_PERIOD", "100", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.MAX_ITER",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "SOLVER.STEPS",
+    "()",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "TEST.PRECISE_BN.ENABLED",
+    "False",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "100",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(96,)",
+    "INPUT.MIN_SIZE_TEST",
+    "96",
     # An almost untrained detector returns hundreds of low-score boxes; pasting their masks
     # would dominate the test's time without testing anything more.
-    "TEST.DETECTIONS_PER_IMAGE", "20",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "20",
 ]
 
 
@@ -27,8 +47,13 @@ FAST = [
 def virtex_weights(synthetic, tmp_path_factory):
     """A VirTex bicaptioning R-18 checkpoint (as the trainer writes it), converted for D2."""
     out = tmp_path_factory.mktemp("virtex")
-    cfg = load_config("synthetic/bicaptioning_R_18.yaml", "MODEL.VIRTEX.TOKENIZER", synthetic["tokenizer"],
-               "MODEL.VIRTEX.VOCAB_SIZE", str(synthetic["vocab_size"]))
+    cfg = load_config(
+        "synthetic/bicaptioning_R_18.yaml",
+        "MODEL.VIRTEX.TOKENIZER",
+        synthetic["tokenizer"],
+        "MODEL.VIRTEX.VOCAB_SIZE",
+        str(synthetic["vocab_size"]),
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():  # distinguishable from any fresh init
@@ -48,12 +73,16 @@ def _finetune(config, weights, out_dir, *opts):
     return cfg, trainer
 
 
-@pytest.mark.parametrize("config,evaluated", [
-    ("synthetic/mask_rcnn_R_18_FPN.yaml", ("bbox", "segm")),
-    ("synthetic/lvis_mask_rcnn_R_18_FPN.yaml", ("bbox", "segm")),
-])
-def test_converted_virtex_backbone_finetunes_and_evaluates(virtex_weights, tmp_path, config,
-                                                          evaluated):
+@pytest.mark.parametrize(
+    "config,evaluated",
+    [
+        ("synthetic/mask_rcnn_R_18_FPN.yaml", ("bbox", "segm")),
+        ("synthetic/lvis_mask_rcnn_R_18_FPN.yaml", ("bbox", "segm")),
+    ],
+)
+def test_converted_virtex_backbone_finetunes_and_evaluates(
+    virtex_weights, tmp_path, config, evaluated
+):
     cfg, trainer = _finetune(config, virtex_weights["path"], tmp_path)
     loaded = trainer.model.backbone.bottom_up.state_dict()
     for key, value in virtex_weights["backbone"].items():
@@ -66,18 +95,32 @@ def test_converted_virtex_backbone_finetunes_and_evaluates(virtex_weights, tmp_p
         assert math.isfinite(results[task]["AP"])
     if "lvis" in config:
         assert {"APr", "APc", "APf"} <= set(results["bbox"])
-        assert (tmp_path / "inference" / "synthetic_lvis_val" / "lvis_instances_results.json").exists()
+        assert (
+            tmp_path / "inference" / "synthetic_lvis_val" / "lvis_instances_results.json"
+        ).exists()
     # The LVIS benchmark runs the same evaluation from a checkpoint.
     if "lvis" in config:
         benchmark_lvis = load_tool("benchmark_lvis")
 
         trainer.checkpointer.save("model_final")
-        out = benchmark_lvis.main(["--config-file", str(REPO / "configs" / config),
-                                   "--weights", str(tmp_path / "model_final.pth"),
-                                   "--dataset", "synthetic_lvis_val",
-                                   "--json", str(tmp_path / "bench.json"),
-                                   "--output-dir", str(tmp_path / "bench"),
-                                   "INPUT.MIN_SIZE_TEST", "96", "TEST.DETECTIONS_PER_IMAGE", "20"])
+        out = benchmark_lvis.main(
+            [
+                "--config-file",
+                str(REPO / "configs" / config),
+                "--weights",
+                str(tmp_path / "model_final.pth"),
+                "--dataset",
+                "synthetic_lvis_val",
+                "--json",
+                str(tmp_path / "bench.json"),
+                "--output-dir",
+                str(tmp_path / "bench"),
+                "INPUT.MIN_SIZE_TEST",
+                "96",
+                "TEST.DETECTIONS_PER_IMAGE",
+                "20",
+            ]
+        )
         saved = json.loads((tmp_path / "bench.json").read_text())
         assert saved["bbox"]["AP"] == pytest.approx(results["bbox"]["AP"], abs=1e-6)
         assert out is not None
@@ -105,14 +148,23 @@ def coco_tiny():
     return names
 
 
-def test_real_coco_photographs_with_polygons_finetune_and_evaluate(coco_tiny, virtex_weights,
-                                                                   tmp_path):
+def test_real_coco_photographs_with_polygons_finetune_and_evaluate(
+    coco_tiny, virtex_weights, tmp_path
+):
     cfg, trainer = _finetune(
-        "synthetic/mask_rcnn_R_18_FPN.yaml", virtex_weights["path"], tmp_path,
-        "DATASETS.TRAIN", f"('{coco_tiny['train2017']}',)",
-        "DATASETS.TEST", f"('{coco_tiny['val2017']}',)",
-        "MODEL.ROI_HEADS.NUM_CLASSES", "80", "INPUT.MIN_SIZE_TRAIN", "(160,)",
-        "INPUT.MIN_SIZE_TEST", "160",
+        "synthetic/mask_rcnn_R_18_FPN.yaml",
+        virtex_weights["path"],
+        tmp_path,
+        "DATASETS.TRAIN",
+        f"('{coco_tiny['train2017']}',)",
+        "DATASETS.TEST",
+        f"('{coco_tiny['val2017']}',)",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "80",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(160,)",
+        "INPUT.MIN_SIZE_TEST",
+        "160",
     )
     assert cfg.INPUT.MASK_FORMAT == "polygon"
     trainer.train()

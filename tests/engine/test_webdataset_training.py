@@ -1,5 +1,8 @@
 """Pretraining on WebDataset shards end to end: exact resume after SIGKILL, and two "machines"
 under torchrun (``--nnodes 2``, gloo on localhost) reading disjoint samples."""
+
+from __future__ import annotations
+
 import json
 import os
 import signal
@@ -56,20 +59,42 @@ train_net.launch(main, args.num_gpus, args=(args,))
 
 def child_script(tmp_path, log, kill_after=-1):
     path = tmp_path / f"child_{kill_after}.py"
-    path.write_text(CHILD.format(tools=str(REPO / "tools"), log=str(log), kill_after=kill_after,
-                                 marker=str(tmp_path / "frozen")))
+    path.write_text(
+        CHILD.format(
+            tools=str(REPO / "tools"),
+            log=str(log),
+            kill_after=kill_after,
+            marker=str(tmp_path / "frozen"),
+        )
+    )
     return str(path)
 
 
 def opts(synthetic, shards, out, batch=4):
     return [
         *tiny_textual_head_opts(synthetic),
-        "DATASETS.TRAIN", f"('webdataset:{shards['pattern']}',)", "DATASETS.TEST", "()",
-        "INPUT.VIRTEX.CROP_SIZE", "48",  # random crops, flips and colour jitter stay on
-        "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", str(ITERS),
-        "SOLVER.WARMUP_ITERS", "3", "SOLVER.CHECKPOINT_PERIOD", "2",
-        "DATALOADER.NUM_WORKERS", "2", "DATALOADER.VIRTEX_SHUFFLE_BUFFER", "8",
-        "OUTPUT_DIR", str(out), "SEED", "11",
+        "DATASETS.TRAIN",
+        f"('webdataset:{shards['pattern']}',)",
+        "DATASETS.TEST",
+        "()",
+        "INPUT.VIRTEX.CROP_SIZE",
+        "48",  # random crops, flips and colour jitter stay on
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.MAX_ITER",
+        str(ITERS),
+        "SOLVER.WARMUP_ITERS",
+        "3",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "2",
+        "DATALOADER.VIRTEX_SHUFFLE_BUFFER",
+        "8",
+        "OUTPUT_DIR",
+        str(out),
+        "SEED",
+        "11",
     ]
 
 
@@ -89,29 +114,53 @@ def read_log(log) -> dict:
 
 
 def run(cmd, **kw):
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600,
-                          **kw)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, **kw
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
-def test_sigkilled_run_on_shards_resumes_to_the_same_samples_and_weights(synthetic, shards,
-                                                                          tmp_path):
+def test_sigkilled_run_on_shards_resumes_to_the_same_samples_and_weights(
+    synthetic, shards, tmp_path
+):
     full, broken = tmp_path / "full", tmp_path / "broken"
     full_log, broken_log = tmp_path / "full.jsonl", tmp_path / "broken.jsonl"
-    run([sys.executable, child_script(tmp_path, full_log), "--config-file", CONFIG,
-         *opts(synthetic, shards, full)])
+    run(
+        [
+            sys.executable,
+            child_script(tmp_path, full_log),
+            "--config-file",
+            CONFIG,
+            *opts(synthetic, shards, full),
+        ]
+    )
 
     marker = tmp_path / "frozen"
     returncode = sigkill_when_marker_appears(
-        [sys.executable, child_script(tmp_path, broken_log, KILL_AFTER), "--config-file", CONFIG,
-         *opts(synthetic, shards, broken)],
-        marker, cwd=REPO, env=env(),
+        [
+            sys.executable,
+            child_script(tmp_path, broken_log, KILL_AFTER),
+            "--config-file",
+            CONFIG,
+            *opts(synthetic, shards, broken),
+        ],
+        marker,
+        cwd=REPO,
+        env=env(),
     )
     assert returncode == -signal.SIGKILL
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"
-    log = run([sys.executable, child_script(tmp_path, broken_log), "--config-file", CONFIG,
-               "--resume", *opts(synthetic, shards, broken)])
+    log = run(
+        [
+            sys.executable,
+            child_script(tmp_path, broken_log),
+            "--config-file",
+            CONFIG,
+            "--resume",
+            *opts(synthetic, shards, broken),
+        ]
+    )
     assert "Starting training from iteration 4" in log
 
     expected, got = read_log(full_log), read_log(broken_log)
@@ -139,11 +188,30 @@ def test_two_nodes_under_torchrun_read_disjoint_samples(synthetic, shards, tmp_p
     port = str(_free_port())
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-             "--nproc-per-node", "1", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-             "--master-port", port, script, "--config-file", CONFIG,
-             *opts(synthetic, shards, out, batch=2)],
-            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                script,
+                "--config-file",
+                CONFIG,
+                *opts(synthetic, shards, out, batch=2),
+            ],
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in (0, 1)
     ]
@@ -177,9 +245,20 @@ def test_two_nodes_under_torchrun_read_disjoint_samples(synthetic, shards, tmp_p
 def test_train_net_names_a_missing_shard_before_training(synthetic, shards, tmp_path):
     bad = "('webdataset:/nonexistent/{00000..00003}.tar',)"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", CONFIG,
-         *opts(synthetic, shards, tmp_path), "DATASETS.TRAIN", bad],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_net.py"),
+            "--config-file",
+            CONFIG,
+            *opts(synthetic, shards, tmp_path),
+            "DATASETS.TRAIN",
+            bad,
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     assert "/nonexistent/00000.tar: No such file or directory" in proc.stderr

@@ -1,5 +1,6 @@
 """One weight-loading path: the source is recognised from the keys, and the policy (weights only
 unless opted in; a missing required tensor is an error) holds for the trainer and the tools."""
+
 from __future__ import annotations
 
 import pickle
@@ -51,8 +52,10 @@ def test_detection_model_loads_a_torchvision_checkpoint_as_model_weights(tmp_pat
     tv = _torchvision_r18()
     path = tmp_path / "resnet18.pth"
     torch.save(tv, path)
-    cfg = setup_cfg(str(REPO / "configs" / "synthetic" / "mask_rcnn_R_18_FPN.yaml"),
-                    ["MODEL.WEIGHTS", str(path)])
+    cfg = setup_cfg(
+        str(REPO / "configs" / "synthetic" / "mask_rcnn_R_18_FPN.yaml"),
+        ["MODEL.WEIGHTS", str(path)],
+    )
     model = build_model(cfg)
     build_checkpointer(cfg, model).load(str(path))
     got = model.backbone.bottom_up.res3[0].conv1.norm.running_mean
@@ -68,8 +71,14 @@ def test_caption_model_without_its_textual_head_is_refused(tmp_path, tokenizer):
     cfg = virtex_cfg(tokenizer_path=tokenizer.path, vocab_size=len(tokenizer))
     backbone_only = tmp_path / "backbone.pth"
     model = build_model(cfg)
-    save_d2_checkpoint({k[len("backbone."):]: v for k, v in model.state_dict().items()
-                        if k.startswith("backbone.")}, str(backbone_only))
+    save_d2_checkpoint(
+        {
+            k[len("backbone.") :]: v
+            for k, v in model.state_dict().items()
+            if k.startswith("backbone.")
+        },
+        str(backbone_only),
+    )
     with pytest.raises(WeightsMismatchError, match="textual_head"):
         CaptionPredictor(cfg, str(backbone_only))
 
@@ -86,9 +95,21 @@ def test_caption_tool_refuses_pickles_without_the_opt_in(tmp_path, tokenizer):
 
     Image.new("RGB", (64, 64)).save(image)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "caption_images.py"), "--config-file", str(config),
-         "--weights", str(weights), "--input", str(image), "--output", str(tmp_path / "o.json")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tools" / "caption_images.py"),
+            "--config-file",
+            str(config),
+            "--weights",
+            str(weights),
+            "--input",
+            str(image),
+            "--output",
+            str(tmp_path / "o.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1
     assert "MODEL.ALLOW_PICKLE_WEIGHTS" in proc.stderr and "Traceback" not in proc.stderr

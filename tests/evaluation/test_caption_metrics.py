@@ -1,5 +1,7 @@
 """Caption metrics, CaptioningEvaluator and tools/eval_captions.py against the official toolkit."""
 
+from __future__ import annotations
+
 import json
 import math
 import uuid

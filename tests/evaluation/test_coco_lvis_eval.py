@@ -4,6 +4,7 @@ COCO numbers are checked against pycocotools on real COCO annotations (coco_tiny
 detections; LVIS numbers against a case computed by hand and against the official ``lvis``
 package's evaluator.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,11 +88,22 @@ def noisy_coco_detections(gt: dict, seed: int = 0) -> list:
         mask = np.roll(mask, (dy, dx), axis=(0, 1))
         rle = mask_util.encode(np.asfortranarray(mask))
         rle["counts"] = rle["counts"].decode("ascii")
-        box = [x + rng.gauss(0, 0.08) * bw, y + rng.gauss(0, 0.08) * bh,
-               bw * rng.uniform(0.85, 1.15), bh * rng.uniform(0.85, 1.15)]
+        box = [
+            x + rng.gauss(0, 0.08) * bw,
+            y + rng.gauss(0, 0.08) * bh,
+            bw * rng.uniform(0.85, 1.15),
+            bh * rng.uniform(0.85, 1.15),
+        ]
         label = ann["category_id"] if rng.random() < 0.9 else rng.choice(cat_ids)
-        results.append({"image_id": ann["image_id"], "category_id": label, "bbox": box,
-                        "score": rng.random(), "segmentation": rle})
+        results.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": label,
+                "bbox": box,
+                "score": rng.random(),
+                "segmentation": rle,
+            }
+        )
     for im in gt["images"]:
         h, w = im["height"], im["width"]
         for _ in range(2):
@@ -101,9 +113,15 @@ def noisy_coco_detections(gt: dict, seed: int = 0) -> list:
             mask[y0 : y0 + bh, x0 : x0 + bw] = 1
             rle = mask_util.encode(np.asfortranarray(mask))
             rle["counts"] = rle["counts"].decode("ascii")
-            results.append({"image_id": im["id"], "category_id": rng.choice(cat_ids),
-                            "bbox": [x0, y0, bw, bh], "score": rng.random() * 0.5,
-                            "segmentation": rle})
+            results.append(
+                {
+                    "image_id": im["id"],
+                    "category_id": rng.choice(cat_ids),
+                    "bbox": [x0, y0, bw, bh],
+                    "score": rng.random() * 0.5,
+                    "segmentation": rle,
+                }
+            )
     return results
 
 
@@ -124,8 +142,10 @@ def pycocotools_metrics(gt: dict, results: list, iou_type: str) -> tuple:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    summary = {n: ev.stats[i] * 100 if ev.stats[i] >= 0 else float("nan")
-               for i, n in enumerate(COCO_METRICS)}
+    summary = {
+        n: ev.stats[i] * 100 if ev.stats[i] >= 0 else float("nan")
+        for i, n in enumerate(COCO_METRICS)
+    }
     return summary, ev.eval["precision"], ev.params.catIds
 
 
@@ -172,21 +192,41 @@ def hand_lvis_gt() -> dict:
     img 2: GT cat 3 [10,10,40,40]; cat 1 is a verified negative.
     img 3: GT cat 1 [100,100,50,50].
     """
-    cats = [{"id": 1, "name": "rare_thing", "frequency": "r"},
-            {"id": 2, "name": "common_thing", "frequency": "c"},
-            {"id": 3, "name": "frequent_thing", "frequency": "f"}]
+    cats = [
+        {"id": 1, "name": "rare_thing", "frequency": "r"},
+        {"id": 2, "name": "common_thing", "frequency": "c"},
+        {"id": 3, "name": "frequent_thing", "frequency": "f"},
+    ]
     images = [
         {"id": 1, "neg_category_ids": [], "not_exhaustive_category_ids": [2]},
         {"id": 2, "neg_category_ids": [1], "not_exhaustive_category_ids": []},
         {"id": 3, "neg_category_ids": [], "not_exhaustive_category_ids": []},
     ]
     for im in images:
-        im.update(height=200, width=200, file_name=f"{im['id']}.jpg",
-                  coco_url=f"http://x/val2017/{im['id']}.jpg")
-    boxes = [(1, 3, [10, 10, 40, 40]), (2, 3, [10, 10, 40, 40]), (1, 2, [100, 100, 40, 40]),
-             (3, 1, [100, 100, 50, 50]), (1, 1, [5, 150, 30, 30])]
-    anns = [{"id": i + 1, "image_id": im, "category_id": c, "bbox": b, "area": b[2] * b[3],
-             "segmentation": _rect(b)} for i, (im, c, b) in enumerate(boxes)]
+        im.update(
+            height=200,
+            width=200,
+            file_name=f"{im['id']}.jpg",
+            coco_url=f"http://x/val2017/{im['id']}.jpg",
+        )
+    boxes = [
+        (1, 3, [10, 10, 40, 40]),
+        (2, 3, [10, 10, 40, 40]),
+        (1, 2, [100, 100, 40, 40]),
+        (3, 1, [100, 100, 50, 50]),
+        (1, 1, [5, 150, 30, 30]),
+    ]
+    anns = [
+        {
+            "id": i + 1,
+            "image_id": im,
+            "category_id": c,
+            "bbox": b,
+            "area": b[2] * b[3],
+            "segmentation": _rect(b),
+        }
+        for i, (im, c, b) in enumerate(boxes)
+    ]
     return {"images": images, "annotations": anns, "categories": cats}
 
 
@@ -253,8 +293,10 @@ def test_lvis_hand_computed(iou_type):
 
 
 def test_limit_dets_per_image_is_across_categories():
-    results = [{"image_id": 1, "category_id": c, "score": s}
-               for c, s in [(1, 0.1), (2, 0.9), (3, 0.5), (1, 0.7)]]
+    results = [
+        {"image_id": 1, "category_id": c, "score": s}
+        for c, s in [(1, 0.1), (2, 0.9), (3, 0.5), (1, 0.7)]
+    ]
     results.append({"image_id": 2, "category_id": 1, "score": 0.01})
     kept = limit_dets_per_image(results, 2)
     assert [(r["image_id"], r["score"]) for r in kept] == [(1, 0.9), (1, 0.7), (2, 0.01)]
@@ -267,9 +309,15 @@ def test_hotcoco_lvis_cap_equals_limit_dets_per_image():
 
     gt = hand_lvis_gt()
     rng = random.Random(3)
-    results = [{"image_id": rng.choice([1, 2, 3]), "category_id": rng.choice([1, 2, 3]),
-                "bbox": [rng.uniform(0, 100), rng.uniform(0, 100), 20, 20],
-                "score": rng.choice([0.1, 0.5, 0.5, 0.9])} for _ in range(60)]
+    results = [
+        {
+            "image_id": rng.choice([1, 2, 3]),
+            "category_id": rng.choice([1, 2, 3]),
+            "bbox": [rng.uniform(0, 100), rng.uniform(0, 100), 20, 20],
+            "score": rng.choice([0.1, 0.5, 0.5, 0.9]),
+        }
+        for _ in range(60)
+    ]
     for i, r in enumerate(results):
         r["bbox"][2] = 1 + i  # a key to tell detections apart after hotcoco copied them
     expected = sorted(r["bbox"][2] for r in limit_dets_per_image(results, 7))
@@ -307,16 +355,25 @@ def random_lvis_case(coco: dict, seed: int = 0) -> tuple:
     for _ in range(320):  # one image above the 300 cap
         x, y = rng.uniform(0, crowded["width"] - 50), rng.uniform(0, crowded["height"] - 50)
         box = [x, y, rng.uniform(5, 50), rng.uniform(5, 50)]
-        rle = mask_util.merge(mask_util.frPyObjects(_rect(box), crowded["height"],
-                                                    crowded["width"]))
+        rle = mask_util.merge(
+            mask_util.frPyObjects(_rect(box), crowded["height"], crowded["width"])
+        )
         rle["counts"] = rle["counts"].decode("ascii")
-        results.append({"image_id": crowded["id"], "category_id": rng.choice(cat_ids),
-                        "bbox": box, "score": rng.random(), "segmentation": rle})
+        results.append(
+            {
+                "image_id": crowded["id"],
+                "category_id": rng.choice(cat_ids),
+                "bbox": box,
+                "score": rng.random(),
+                "segmentation": rle,
+            }
+        )
     return gt, results
 
 
-def official_lvis_metrics(gt: dict, results: list, iou_type: str, tmp_path: Path,
-                          monkeypatch) -> dict:
+def official_lvis_metrics(
+    gt: dict, results: list, iou_type: str, tmp_path: Path, monkeypatch
+) -> dict:
     """The reference: the official ``lvis`` 0.5.3 package (LVIS, LVISResults, LVISEval), unchanged.
 
     It fails on numpy >= 1.24 only because it uses the removed ``np.float`` / ``np.int``
@@ -335,8 +392,7 @@ def official_lvis_metrics(gt: dict, results: list, iou_type: str, tmp_path: Path
     lvis_gt = lvis.LVIS(str(path))
     ev = lvis.LVISEval(lvis_gt, lvis.LVISResults(lvis_gt, results), iou_type)
     ev.run()
-    return {k: ev.results[k] * 100 if ev.results[k] >= 0 else float("nan")
-            for k in LVIS_METRICS}
+    return {k: ev.results[k] * 100 if ev.results[k] >= 0 else float("nan") for k in LVIS_METRICS}
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
@@ -353,8 +409,9 @@ def test_lvis_matches_official_lvis_eval(coco_gt, iou_type, tmp_path, monkeypatc
 
 
 def test_hand_case_matches_official_lvis_eval(tmp_path, monkeypatch):
-    ref = official_lvis_metrics(hand_lvis_gt(), hand_lvis_results(False), "bbox", tmp_path,
-                                monkeypatch)
+    ref = official_lvis_metrics(
+        hand_lvis_gt(), hand_lvis_results(False), "bbox", tmp_path, monkeypatch
+    )
     _assert_metrics_equal(ref, HAND_EXPECTED, LVIS_METRICS)
 
 
@@ -376,8 +433,9 @@ def _instances(dets: list, h: int, w: int, with_masks: bool) -> Instances:
 
 def coco_model_outputs(gt: dict, image_ids: list, seed: int = 0) -> list:
     """(inputs, outputs) pairs a Mask R-CNN could produce, derived from GT per image."""
-    to_contiguous = {c["id"]: i for i, c in enumerate(sorted(gt["categories"],
-                                                             key=lambda c: c["id"]))}
+    to_contiguous = {
+        c["id"]: i for i, c in enumerate(sorted(gt["categories"], key=lambda c: c["id"]))
+    }
     images = {im["id"]: im for im in gt["images"]}
     pairs = []
     for image_id in image_ids:
@@ -396,8 +454,12 @@ def coco_model_outputs(gt: dict, image_ids: list, seed: int = 0) -> list:
             if rng.random() < 0.1:
                 label = rng.randrange(len(to_contiguous))
             dets.append((label, box, rng.uniform(0.05, 1.0), mask))
-        pairs.append(({"image_id": image_id, "height": h, "width": w},
-                      {"instances": _instances(dets, h, w, with_masks=True)}))
+        pairs.append(
+            (
+                {"image_id": image_id, "height": h, "width": w},
+                {"instances": _instances(dets, h, w, with_masks=True)},
+            )
+        )
     return pairs
 
 
@@ -425,8 +487,9 @@ def test_coco_evaluator_end_to_end(coco_gt, tmp_path):
     register_coco_tiny("coco_tiny_val_fast_eval", coco_gt)
     image_ids = sorted(im["id"] for im in coco_gt["images"])[:20]
     pairs = coco_model_outputs(coco_gt, image_ids)
-    evaluator = FastCOCOEvaluator("coco_tiny_val_fast_eval", output_dir=str(tmp_path),
-                                  distributed=True)  # one process: gather is a no-op
+    evaluator = FastCOCOEvaluator(
+        "coco_tiny_val_fast_eval", output_dir=str(tmp_path), distributed=True
+    )  # one process: gather is a no-op
     res = _run_evaluator(evaluator, pairs)
     assert list(res) == ["bbox", "segm"]
 
@@ -453,11 +516,21 @@ def test_coco_evaluator_without_json_file(tmp_path):
     name = "fast_eval_no_json_file"
     boxes = [[10, 10, 50, 40], [100, 80, 60, 60]]
     if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: [{
-            "file_name": "x.jpg", "image_id": 7, "height": 200, "width": 200,
-            "annotations": [{"bbox": b, "bbox_mode": BoxMode.XYWH_ABS, "category_id": i,
-                             "iscrowd": 0} for i, b in enumerate(boxes)],
-        }])
+        DatasetCatalog.register(
+            name,
+            lambda: [
+                {
+                    "file_name": "x.jpg",
+                    "image_id": 7,
+                    "height": 200,
+                    "width": 200,
+                    "annotations": [
+                        {"bbox": b, "bbox_mode": BoxMode.XYWH_ABS, "category_id": i, "iscrowd": 0}
+                        for i, b in enumerate(boxes)
+                    ],
+                }
+            ],
+        )
         MetadataCatalog.get(name).set(thing_classes=["a", "b"])
     perfect = [(0, boxes[0], 0.9, None), (1, boxes[1], 0.8, None)]
     half = [(0, boxes[0], 0.9, None)]
@@ -486,10 +559,22 @@ def test_lvis_evaluator_hand_case(tmp_path):
     pairs = []
     for image_id in (1, 2, 3):
         rows = hand_lvis_results(with_masks=True)
-        dets = [(r["category_id"] - 1, r["bbox"], r["score"],  # LVIS ids are 1-based
-                 mask_util.decode(r["segmentation"])) for r in rows if r["image_id"] == image_id]
-        pairs.append(({"image_id": image_id, "height": 200, "width": 200},
-                      {"instances": _instances(dets, 200, 200, with_masks=True)}))
+        dets = [
+            (
+                r["category_id"] - 1,
+                r["bbox"],
+                r["score"],  # LVIS ids are 1-based
+                mask_util.decode(r["segmentation"]),
+            )
+            for r in rows
+            if r["image_id"] == image_id
+        ]
+        pairs.append(
+            (
+                {"image_id": image_id, "height": 200, "width": 200},
+                {"instances": _instances(dets, 200, 200, with_masks=True)},
+            )
+        )
     ev = FastLVISEvaluator("fast_eval_hand_lvis", output_dir=str(tmp_path / "out"))
     res = _run_evaluator(ev, pairs)
     assert list(res) == ["bbox", "segm"]
@@ -509,8 +594,9 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         gt = json.loads(COCO_TINY_VAL.read_text())
         register_coco_tiny("coco_tiny_val_fast_eval", gt)
@@ -538,8 +624,10 @@ def test_two_processes_match_one(coco_gt, tmp_path):
 
     register_coco_tiny("coco_tiny_val_fast_eval", coco_gt)
     image_ids = sorted(im["id"] for im in coco_gt["images"])[:20]
-    single = _run_evaluator(FastCOCOEvaluator("coco_tiny_val_fast_eval", distributed=False),
-                            coco_model_outputs(coco_gt, image_ids))
+    single = _run_evaluator(
+        FastCOCOEvaluator("coco_tiny_val_fast_eval", distributed=False),
+        coco_model_outputs(coco_gt, image_ids),
+    )
     assert list(main) == list(single) == ["bbox", "segm"]
     for task in single:
         assert main[task].keys() == single[task].keys()
@@ -555,8 +643,9 @@ def test_benchmark_lvis_results_mode(tmp_path, capsys):
     results_path.write_text(json.dumps(hand_lvis_results(with_masks=True)))
     out = tmp_path / "bench.json"
     tool = load_tool("benchmark_lvis")
-    tool.main(["--results", str(results_path), "--dataset", "fast_eval_bench_lvis",
-               "--json", str(out)])
+    tool.main(
+        ["--results", str(results_path), "--dataset", "fast_eval_bench_lvis", "--json", str(out)]
+    )
     report = json.loads(out.read_text())
     for task in ("bbox", "segm"):
         got = {k: float("nan") if v is None else v for k, v in report[task].items()}
@@ -568,15 +657,32 @@ def test_benchmark_lvis_results_mode(tmp_path, capsys):
 def test_benchmark_eval_small_run(tmp_path):
     tool = load_tool("benchmark_eval")
     out = tmp_path / "bench.json"
-    assert tool.main(["--num-images", "12", "--objects", "5", "12", "--false-positives", "4",
-                      "10", "--repeat", "1", "--json", str(out)]) == 0
+    assert (
+        tool.main(
+            [
+                "--num-images",
+                "12",
+                "--objects",
+                "5",
+                "12",
+                "--false-positives",
+                "4",
+                "10",
+                "--repeat",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["agree"] and report["num_detections"] > 100
     for task in ("bbox", "segm"):
         assert report[task]["ours"]["AP"] == pytest.approx(report[task]["pycocotools"]["AP"])
         assert report[task]["faster-coco-eval"]["AP"] == pytest.approx(
-            report[task]["pycocotools"]["AP"])
+            report[task]["pycocotools"]["AP"]
+        )
         for name in ("ours", "faster-coco-eval", "pycocotools"):
             assert report[task][name]["seconds"] > 0
         assert report[task]["ratios"]["pycocotools/ours"] > 0
-

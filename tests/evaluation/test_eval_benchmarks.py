@@ -2,6 +2,7 @@
 
 Kept apart from test_coco_lvis_eval.py (whose helpers it uses) to keep that module's size down.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,21 @@ def test_benchmark_lvis_scale_mode_small(tmp_path):
     synthetic set is LVIS-shaped, evaluated, and the report carries time and peak RSS."""
     out = tmp_path / "scale.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmarks" / "benchmark_lvis.py"), "--lvis-scale",
-         "--num-images", "40", "--dets-per-image", "30", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tools" / "benchmarks" / "benchmark_lvis.py"),
+            "--lvis-scale",
+            "--num-images",
+            "40",
+            "--dets-per-image",
+            "30",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

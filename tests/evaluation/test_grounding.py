@@ -1,4 +1,7 @@
 """Grounding check: does a captioner's loss depend on which image it sees?"""
+
+from __future__ import annotations
+
 import json
 
 import pytest
@@ -88,10 +91,17 @@ def test_check_grounding_tool_on_the_synthetic_val_split(synthetic, tmp_path):
     tool = load_tool("check_grounding")
 
     cfg = virtex_cfg("bicaptioning")
-    cfg.merge_from_list(tiny_textual_head_opts(synthetic) + [
-        "DATASETS.TEST", "('synthetic_captions_val',)",
-        "INPUT.VIRTEX.TEST_RESIZE", "64", "INPUT.VIRTEX.TEST_CROP_SIZE", "64",
-    ])
+    cfg.merge_from_list(
+        tiny_textual_head_opts(synthetic)
+        + [
+            "DATASETS.TEST",
+            "('synthetic_captions_val',)",
+            "INPUT.VIRTEX.TEST_RESIZE",
+            "64",
+            "INPUT.VIRTEX.TEST_CROP_SIZE",
+            "64",
+        ]
+    )
     (tmp_path / "cfg.yaml").write_text(cfg.dump())
     DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model")
     args = ["--config-file", str(tmp_path / "cfg.yaml"), "--weights", str(tmp_path / "model.pth")]

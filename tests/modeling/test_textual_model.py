@@ -1,4 +1,7 @@
 """The VirTex meta-architecture: sizes, losses, decoding."""
+
+from __future__ import annotations
+
 import math
 from unittest import mock
 
@@ -40,8 +43,11 @@ def test_output_layer_is_tied_and_residual_norms_start_at_zero():
     model = _build(virtex_cfg("captioning"))
     head = model.textual_head
     assert head.output.weight is head.embedding.words.weight
-    zero = [m.conv2.norm.weight for m in model.backbone.modules() if hasattr(m, "conv2")
-            and not hasattr(m, "conv3")]
+    zero = [
+        m.conv2.norm.weight
+        for m in model.backbone.modules()
+        if hasattr(m, "conv2") and not hasattr(m, "conv3")
+    ]
     assert zero and all(bool((w == 0).all()) for w in zero)
 
 
@@ -75,10 +81,13 @@ def _batch(task, n=2, size=64, vocab=64, seed=0):
     for i in range(n):
         body = torch.randint(4, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g)
         toks = torch.cat([torch.tensor([SOS_ID]), body, torch.tensor([EOS_ID])])
-        d = {"image": torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8),
-             "caption_tokens": toks,
-             "noitpac_tokens": torch.cat([toks[:1], toks[1:-1].flip(0), toks[-1:]]),
-             "token_bag": body.unique(), "labels": torch.tensor([0, 3])}
+        d = {
+            "image": torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8),
+            "caption_tokens": toks,
+            "noitpac_tokens": torch.cat([toks[:1], toks[1:-1].flip(0), toks[-1:]]),
+            "token_bag": body.unique(),
+            "labels": torch.tensor([0, 3]),
+        }
         labels = torch.zeros_like(toks)
         labels[2] = toks[2]
         masked = toks.clone()
@@ -121,8 +130,9 @@ def test_initial_caption_loss_is_near_uniform():
     assert abs(loss.item() - math.log(10000)) < 0.5
 
 
-@pytest.mark.parametrize("decoder,beam", [("greedy", 1), ("beam", 1), ("beam", 3), ("beam", 5),
-                                          ("nucleus", 1)])
+@pytest.mark.parametrize(
+    "decoder,beam", [("greedy", 1), ("beam", 1), ("beam", 3), ("beam", 5), ("nucleus", 1)]
+)
 def test_cached_decoding_equals_uncached(decoder, beam):
     torch.manual_seed(1)
     cfg = virtex_cfg("captioning", layers=2, hidden=64, vocab_size=50)
@@ -152,7 +162,9 @@ def test_beam_search_finds_a_better_sequence_than_greedy_on_average():
         total = 0.0
         visual = model.textual_head.project_visual(features)
         for i, toks in enumerate(tokens_list):
-            seq = torch.tensor([[SOS_ID, *toks, EOS_ID]])[:, : cfg.MODEL.VIRTEX.DECODER.MAX_LENGTH + 1]
+            seq = torch.tensor([[SOS_ID, *toks, EOS_ID]])[
+                :, : cfg.MODEL.VIRTEX.DECODER.MAX_LENGTH + 1
+            ]
             mem = model.textual_head.memory(visual[i : i + 1])
             hidden, _ = model.textual_head(seq[:, :-1], mem)
             lp = model.textual_head.logits(hidden).log_softmax(-1)

@@ -1,4 +1,7 @@
 """Captioning image files and per-word attention maps (caption_images, visualize_attention)."""
+
+from __future__ import annotations
+
 import io
 import json
 import re
@@ -18,8 +21,6 @@ from virtex_d2.engine.predictor import CaptionPredictor
 from virtex_d2.modeling.attention import combine_attention
 
 LAYERS = 2
-
-
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,13 @@ def trained(tmp_path_factory):
         model.textual_head.output.bias[:4] = -1e4
     DetectionCheckpointer(model, save_dir=str(root)).save("model")
     (root / "config.yaml").write_text(cfg.dump())
-    return {"cfg": cfg, "model": model, "config": root / "config.yaml",
-            "weights": root / "model.pth",
-            "predictor": CaptionPredictor(cfg, str(root / "model.pth"))}
+    return {
+        "cfg": cfg,
+        "model": model,
+        "config": root / "config.yaml",
+        "weights": root / "model.pth",
+        "predictor": CaptionPredictor(cfg, str(root / "model.pth")),
+    }
 
 
 # ------------------------------------------------------------------------------- test files
@@ -81,12 +86,21 @@ def make_mixed_folder(root: Path) -> tuple[list[str], list[str]]:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     _jpeg(root / "rotated.jpeg", exif=exif)
-    good = ["rgb.jpg", "sub/UPPER.JPG", "grey.png", "rgba.png", "palette.gif", "palette.png",
-            "sub/sixteen.png", "rotated.jpeg"]
+    good = [
+        "rgb.jpg",
+        "sub/UPPER.JPG",
+        "grey.png",
+        "rgba.png",
+        "palette.gif",
+        "palette.png",
+        "sub/sixteen.png",
+        "rotated.jpeg",
+    ]
 
     buf = io.BytesIO()
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(
-        buf, "JPEG")
+        buf, "JPEG"
+    )
     (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (root / "empty.png").write_bytes(b"")
     (root / "sub" / "text.jpg").write_text("this is not an image\n")
@@ -119,8 +133,11 @@ def test_load_image_policy(tmp_path):
     stored = np.asarray(Image.open(tmp_path / "sub" / "sixteen.png")).astype(float)
     assert sixteen.shape == (24, 32, 3)
     np.testing.assert_allclose(sixteen[..., 0], stored * 255 / 65535, atol=0.51)
-    for name, reason in [("truncated.jpg", "truncated"), ("empty.png", "empty file"),
-                         ("sub/text.jpg", "cannot identify")]:
+    for name, reason in [
+        ("truncated.jpg", "truncated"),
+        ("empty.png", "empty file"),
+        ("sub/text.jpg", "cannot identify"),
+    ]:
         with pytest.raises(UnreadableImageError, match=reason) as info:
             load_image_rgb(str(tmp_path / name))
         assert info.value.path == str(tmp_path / name)
@@ -131,8 +148,9 @@ def test_list_image_files(tmp_path):
     listed = list_image_files(str(tmp_path))
     assert listed == sorted(str(tmp_path / n) for n in good + bad)
     assert list_image_files(str(tmp_path / "**" / "*.png")) == sorted(
-        str(tmp_path / n) for n in ["grey.png", "rgba.png", "palette.png", "empty.png",
-                                    "sub/sixteen.png"])
+        str(tmp_path / n)
+        for n in ["grey.png", "rgba.png", "palette.png", "empty.png", "sub/sixteen.png"]
+    )
     assert list_image_files(str(tmp_path / "rgb.jpg")) == [str(tmp_path / "rgb.jpg")]
     with pytest.raises(FileNotFoundError, match="matches no files"):
         list_image_files(str(tmp_path / "*.webp"))
@@ -148,8 +166,18 @@ def test_caption_images_tool_skips_bad_files(trained, tmp_path, capsys, caplog):
     good, bad = make_mixed_folder(folder)
     out = tmp_path / "out" / "preds.json"
     tool = load_tool("caption_images")
-    argv = ["--config-file", str(trained["config"]), "--weights", str(trained["weights"]),
-            "--input", str(folder), "--output", str(out), "--batch-size", "3"]
+    argv = [
+        "--config-file",
+        str(trained["config"]),
+        "--weights",
+        str(trained["weights"]),
+        "--input",
+        str(folder),
+        "--output",
+        str(out),
+        "--batch-size",
+        "3",
+    ]
     with caplog.at_level("WARNING"):
         assert tool.main(argv) == 0
     data = json.loads(out.read_text())
@@ -173,8 +201,14 @@ def test_caption_images_tool_skips_bad_files(trained, tmp_path, capsys, caplog):
 
 def test_caption_images_tool_errors(trained, tmp_path, capsys):
     tool = load_tool("caption_images")
-    base = ["--config-file", str(trained["config"]), "--weights", str(trained["weights"]),
-            "--output", str(tmp_path / "p.json")]
+    base = [
+        "--config-file",
+        str(trained["config"]),
+        "--weights",
+        str(trained["weights"]),
+        "--output",
+        str(tmp_path / "p.json"),
+    ]
     assert tool.main(base + ["--input", str(tmp_path / "nothing*.jpg")]) == 1
     assert "matches no files" in capsys.readouterr().err
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 broken")
@@ -213,8 +247,11 @@ def test_predictor_refuses_what_cannot_caption(trained, tmp_path):
     weights = str(trained["weights"])
     cfg = trained["cfg"].clone()
     cfg.MODEL.VIRTEX.TASK = "token_classification"
-    with pytest.raises(ValueError, match="TASK is 'token_classification': only "
-                                         "bicaptioning/captioning models generate captions"):
+    with pytest.raises(
+        ValueError,
+        match="TASK is 'token_classification': only "
+        "bicaptioning/captioning models generate captions",
+    ):
         CaptionPredictor(cfg, weights)
     cfg = trained["cfg"].clone()
     cfg.INPUT.FORMAT = "BGR"
@@ -258,8 +295,9 @@ def test_attention_is_what_the_decoder_used(trained):
         caches = [dict() for _ in memory]
         inputs = [SOS_ID] + result.tokens[:-1]
         for t, tok in enumerate(inputs):
-            _, weights = head(torch.tensor([[tok]]), memory, 0, caches=caches, start_position=t,
-                              need_weights=True)
+            _, weights = head(
+                torch.tensor([[tok]]), memory, 0, caches=caches, start_position=t, need_weights=True
+            )
             assert len(weights) == LAYERS
             expected = torch.stack([w[0, :, 0].mean(0) for w in weights]).mean(0)
             torch.testing.assert_close(result.token_maps[t].flatten(), expected)
@@ -306,8 +344,20 @@ def test_visualize_attention_tool(trained, tmp_path, capsys):
     tool = load_tool("visualize_attention")
     image = sorted((COCO_TINY / "val2017").glob("*.jpg"))[2]
     out = tmp_path / "attention"
-    argv = ["--config-file", str(trained["config"]), "--weights", str(trained["weights"]),
-            "--input", str(image), "--output", str(out), "--panel-size", "64", "--columns", "3"]
+    argv = [
+        "--config-file",
+        str(trained["config"]),
+        "--weights",
+        str(trained["weights"]),
+        "--input",
+        str(image),
+        "--output",
+        str(out),
+        "--panel-size",
+        "64",
+        "--columns",
+        "3",
+    ]
     assert tool.main(argv) == 0
     printed = capsys.readouterr().out
     caption = re.search(r"^caption: (.*)$", printed, re.M).group(1)

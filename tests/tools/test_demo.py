@@ -1,4 +1,7 @@
 """`make demo` machinery: a smoke run end to end (and its reuse), stage resume logic, results."""
+
+from __future__ import annotations
+
 import json
 import math
 import os
@@ -30,8 +33,12 @@ def tiny_root(tmp_path, monkeypatch):
 
 
 def _stage(tmp_path):
-    return P.TrainStage("finetune/coco/random/seed1", "configs/demo/mask_rcnn_R_18_FPN.yaml",
-                        ["SEED", "1"], str(tmp_path / "stage"))
+    return P.TrainStage(
+        "finetune/coco/random/seed1",
+        "configs/demo/mask_rcnn_R_18_FPN.yaml",
+        ["SEED", "1"],
+        str(tmp_path / "stage"),
+    )
 
 
 class _FakeRunner(Runner):
@@ -44,8 +51,19 @@ class _FakeRunner(Runner):
         box, mask = (5.0, 4.0) if weights else (3.0, 2.0)
         with open(os.path.join(output_dir, "metrics.json"), "a") as f:
             f.write(json.dumps({"iteration": 1, "total_loss": 2.0}) + "\n")
-            f.write(json.dumps({"iteration": 2, "bbox/AP": box, "segm/AP": mask,
-                                "segm/APr": 1.0, "segm/APc": 1.0, "segm/APf": 1.0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "iteration": 2,
+                        "bbox/AP": box,
+                        "segm/AP": mask,
+                        "segm/APr": 1.0,
+                        "segm/APc": 1.0,
+                        "segm/APf": 1.0,
+                    }
+                )
+                + "\n"
+            )
         return 1.5
 
 
@@ -118,7 +136,9 @@ def test_finished_stage_is_reused_and_half_finished_one_resumed(tmp_path):
     record = runner.run(stage, "")
     assert "--resume" in runner.commands[0]
     assert record["results"] == {  # from random init (no weights), see _FakeRunner
-        "bbox": {"AP": 3.0}, "segm": {"AP": 2.0, "APr": 1.0, "APc": 1.0, "APf": 1.0}}
+        "bbox": {"AP": 3.0},
+        "segm": {"AP": 2.0, "APr": 1.0, "APc": 1.0, "APf": 1.0},
+    }
     assert record["resumed"] and record["cpu_seconds"] == 1.5
     # Finished: reused without running anything.
     assert runner.run(stage, "") == record and len(runner.commands) == 1
@@ -134,8 +154,9 @@ def test_edited_config_or_new_weights_are_not_taken_for_a_finished_stage(tmp_pat
     config.write_text(f'_BASE_: "{base}"\nSOLVER:\n  BASE_LR: 0.02\n')
     weights = tmp_path / "backbone.pth"
     weights.write_bytes(b"first backbone")
-    stage = P.TrainStage("finetune/coco/virtex/seed1", str(config), ["SEED", "1"],
-                         str(tmp_path / "stage"))
+    stage = P.TrainStage(
+        "finetune/coco/virtex/seed1", str(config), ["SEED", "1"], str(tmp_path / "stage")
+    )
     runner = _FakeRunner(str(REPO), threads=1)
     runner.commands = []
     runner.run(stage, str(weights))
@@ -154,8 +175,10 @@ def test_edited_config_or_new_weights_are_not_taken_for_a_finished_stage(tmp_pat
 
 def test_directory_of_another_configuration_is_refused(tmp_path):
     stage = _stage(tmp_path)
-    write_json(os.path.join(stage.output_dir, STARTED),
-               {"signature": {"config": stage.config, "opts": ["SEED", "7"]}})
+    write_json(
+        os.path.join(stage.output_dir, STARTED),
+        {"signature": {"config": stage.config, "opts": ["SEED", "7"]}},
+    )
     with pytest.raises(StageError, match="another configuration"):
         finished(stage, "", str(REPO))
 
@@ -168,10 +191,14 @@ def test_results_json_shape_means_and_seeds():
         return {"bbox": {"AP": ap + 1}, "segm": {"AP": ap, "APr": 0.0, "APc": ap, "APf": ap}}
 
     per_seed = {
-        1: {"virtex": {"coco": coco(10.0, 8.0), "lvis": lvis(3.0)},
-            "random": {"coco": coco(2.0, 1.0), "lvis": lvis(1.0)}},
-        2: {"virtex": {"coco": coco(12.0, 10.0), "lvis": lvis(5.0)},
-            "random": {"coco": coco(4.0, float("nan")), "lvis": lvis(1.0)}},
+        1: {
+            "virtex": {"coco": coco(10.0, 8.0), "lvis": lvis(3.0)},
+            "random": {"coco": coco(2.0, 1.0), "lvis": lvis(1.0)},
+        },
+        2: {
+            "virtex": {"coco": coco(12.0, 10.0), "lvis": lvis(5.0)},
+            "random": {"coco": coco(4.0, float("nan")), "lvis": lvis(1.0)},
+        },
     }
     out = aggregate(per_seed)
     assert list(out) == ["virtex", "random", "seeds"]
@@ -185,9 +212,12 @@ def test_results_json_shape_means_and_seeds():
 
 def test_metrics_parsing_skips_torn_lines_and_keeps_last_value(tmp_path):
     path = tmp_path / "metrics.json"
-    lines = [{"iteration": 19, "total_loss": 3.0}, {"iteration": 39, "total_loss": 2.0},
-             {"iteration": 39, "total_loss": 1.5},  # re-logged after a resume
-             {"iteration": 40, "captioning/CIDEr": 0.5, "captioning/BLEU-4": 0.1}]
+    lines = [
+        {"iteration": 19, "total_loss": 3.0},
+        {"iteration": 39, "total_loss": 2.0},
+        {"iteration": 39, "total_loss": 1.5},  # re-logged after a resume
+        {"iteration": 40, "captioning/CIDEr": 0.5, "captioning/BLEU-4": 0.1},
+    ]
     path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"iteration": 4')
     assert loss_curve(str(path)) == [(19, 3.0), (39, 1.5)]
     assert final_evaluation(str(path)) == {"captioning": {"CIDEr": 0.5, "BLEU-4": 0.1}}
@@ -201,10 +231,19 @@ def test_ablation_table_means_each_task_over_seeds(tmp_path):
 
     sched = P.Schedule(seeds=(1, 2))
     fts = P.finetune_stages(sched, str(tmp_path), ablation=True)
-    by_name = {s.name: {"results": {"bbox": {"AP": float(len(s.name) % 7 + int(s.name[-1]))},
-                                    "segm": {"AP": 1.0}}} for s in fts}
-    pre = {t: {"results": {"captioning": {"CIDEr": 0.25}} if t in P.CAPTIONING_TASKS else {}}
-           for t in P.PRETRAIN_TASKS}
+    by_name = {
+        s.name: {
+            "results": {
+                "bbox": {"AP": float(len(s.name) % 7 + int(s.name[-1]))},
+                "segm": {"AP": 1.0},
+            }
+        }
+        for s in fts
+    }
+    pre = {
+        t: {"results": {"captioning": {"CIDEr": 0.25}} if t in P.CAPTIONING_TASKS else {}}
+        for t in P.PRETRAIN_TASKS
+    }
     table = _ablation(fts, by_name, pre)
     assert list(table) == list(P.PRETRAIN_TASKS)
     runs = [by_name[f"finetune/coco/masked_lm/seed{s}"]["results"]["bbox"]["AP"] for s in (1, 2)]

@@ -1,5 +1,6 @@
 """tools/benchmarks/gpu_check.sh can only be measured on a GPU; its CPU smoke path runs here so
 that the script (and the benchmark options it uses) cannot rot."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ SCRIPT = REPO / "tools" / "benchmarks" / "gpu_check.sh"
 def test_gpu_check_cpu_smoke(synthetic, tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, PYTHON=sys.executable, DETECTRON2_DATASETS=str(synthetic["root"]))
-    proc = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--smoke", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--device", "cpu", "--smoke", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["smoke"] is True and report["gpu"] is None
@@ -37,6 +44,11 @@ def test_gpu_check_cpu_smoke(synthetic, tmp_path):
 
 
 def test_gpu_check_refuses_unknown_options(tmp_path):
-    proc = subprocess.run(["bash", str(SCRIPT), "--devcie", "cpu"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--devcie", "cpu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "unknown option --devcie" in proc.stderr

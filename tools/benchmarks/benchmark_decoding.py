@@ -12,6 +12,7 @@ share it.
 ``--smoke``: a seconds-long run (R-18, 64-wide head, 100 tokens, batch 2, beam 2, 6 steps,
 64 px) that checks the script works; its timings mean nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,23 +87,33 @@ def main(argv=None) -> dict:
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     with torch.no_grad():
         t_cnn, features = timed(lambda: model.backbone(images)["res5"], args.repeats, args.device)
-        t_cached, cached = timed(lambda: model.generate(features, "beam", use_cache=True),
-                                 args.repeats, args.device)
-        t_full, full = timed(lambda: model.generate(features, "beam", use_cache=False),
-                             args.repeats, args.device)
+        t_cached, cached = timed(
+            lambda: model.generate(features, "beam", use_cache=True), args.repeats, args.device
+        )
+        t_full, full = timed(
+            lambda: model.generate(features, "beam", use_cache=False), args.repeats, args.device
+        )
     # Steps run: one per generated token, plus one for [EOS] when a caption ended early.
     steps = min(max(len(t) for t in cached) + 1, args.max_length)
     same = cached == full
     result = {
         "device": str(torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"),
         "threads": torch.get_num_threads(),
-        "batch_size": args.batch_size, "beam_size": args.beam_size, "steps": steps,
-        "resnet_s": t_cnn, "cached_beam_s": t_cached, "uncached_beam_s": t_full,
-        "identical_tokens": same, "speedup": t_full / t_cached, "smoke": args.smoke,
+        "batch_size": args.batch_size,
+        "beam_size": args.beam_size,
+        "steps": steps,
+        "resnet_s": t_cnn,
+        "cached_beam_s": t_cached,
+        "uncached_beam_s": t_full,
+        "identical_tokens": same,
+        "speedup": t_full / t_cached,
+        "smoke": args.smoke,
     }
-    print(f"device {result['device']} ({result['threads']} threads), R-{args.depth} "
-          f"L{args.layers}_H{args.hidden}, vocab {args.vocab_size}, batch {args.batch_size}, "
-          f"beam {args.beam_size}, {steps} steps")
+    print(
+        f"device {result['device']} ({result['threads']} threads), R-{args.depth} "
+        f"L{args.layers}_H{args.hidden}, vocab {args.vocab_size}, batch {args.batch_size}, "
+        f"beam {args.beam_size}, {steps} steps"
+    )
     print(f"ResNet forward:          {t_cnn:8.3f} s")
     print(f"beam search, uncached:   {t_full:8.3f} s  (whole prefix recomputed every step)")
     print(f"beam search, cached k/v: {t_cached:8.3f} s")

@@ -12,7 +12,8 @@ Prints AP/AP50/AP75/APs/APm/APl of the three side by side, exits with 1 if faste
 ours differs from pycocotools by more than 1e-4 (in percent), and ends with the speed ratios
 ``pycocotools / ours`` and ``faster-coco-eval / ours`` per IoU type.
 
-    python tools/benchmarks/benchmark_eval.py [--gt GT.json --results RES.json] [--iou-type bbox|segm]
+    python tools/benchmarks/benchmark_eval.py [--gt GT.json --results RES.json]
+        [--iou-type bbox|segm]
         [--json OUT] [--num-images 5000] [--objects 2 6] [--false-positives 1 4] [--seed 0]
         [--repeat 3]
 
@@ -20,6 +21,7 @@ ours differs from pycocotools by more than 1e-4 (in percent), and ends with the 
 <iou type>: {"ours" | "faster-coco-eval" | "pycocotools": {"seconds", "AP", "AP50", ...},
 "ratios": {...}}}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +35,6 @@ import os
 import random
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -84,9 +85,9 @@ def make_synthetic_coco(
     size: int = 320,
     num_classes: int = 10,
     seed: int = 0,
-    objects: Tuple[int, int] = (5, 12),
-    false_positives: Tuple[int, int] = (4, 10),
-) -> Tuple[dict, List[dict]]:
+    objects: tuple[int, int] = (5, 12),
+    false_positives: tuple[int, int] = (4, 10),
+) -> tuple[dict, list[dict]]:
     """Deterministic COCO ground truth and noisy detections derived from it.
 
     Each image has ``objects`` (inclusive range) ground-truth objects, each detected about
@@ -143,8 +144,13 @@ def make_synthetic_coco(
             for _ in range(copies):
                 shift_x, shift_y = rng.gauss(0, 0.1) * radius, rng.gauss(0, 0.1) * radius
                 noisy = [
-                    min(max(v + (shift_x if i % 2 == 0 else shift_y) + rng.gauss(0, 0.05) * radius,
-                            0.0), size - 1.0)
+                    min(
+                        max(
+                            v + (shift_x if i % 2 == 0 else shift_y) + rng.gauss(0, 0.05) * radius,
+                            0.0,
+                        ),
+                        size - 1.0,
+                    )
                     for i, v in enumerate(poly)
                 ]
                 label = category if rng.random() < 0.9 else rng.randint(1, num_classes)
@@ -183,7 +189,7 @@ def make_synthetic_coco(
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def run_pycocotools(gt: dict, results: List[dict], iou_type: str) -> Tuple[Dict[str, float], float]:
+def run_pycocotools(gt: dict, results: list[dict], iou_type: str) -> tuple[dict[str, float], float]:
     """pycocotools' COCOeval, set up as Detectron2's COCOEvaluator does. Returns (metrics, s)."""
     # pycocotools rewrites ground truth and result dicts in place: give it private copies,
     # made before the clock starts.
@@ -212,8 +218,8 @@ def run_pycocotools(gt: dict, results: List[dict], iou_type: str) -> Tuple[Dict[
 
 
 def run_faster_coco_eval(
-    gt: dict, results: List[dict], iou_type: str
-) -> Tuple[Dict[str, float], float]:
+    gt: dict, results: list[dict], iou_type: str
+) -> tuple[dict[str, float], float]:
     """faster-coco-eval's COCOeval_faster, used as its README shows. Returns (metrics, s)."""
     gt = copy.deepcopy(gt)  # it adds keys to annotation dicts too
     results = copy.deepcopy(results)
@@ -237,7 +243,7 @@ def run_faster_coco_eval(
     return metrics, seconds
 
 
-def run_ours(gt: dict, results: List[dict], iou_type: str) -> Tuple[Dict[str, float], float]:
+def run_ours(gt: dict, results: list[dict], iou_type: str) -> tuple[dict[str, float], float]:
     """virtex_d2's evaluate_coco_json (hotcoco). Returns (metrics, s)."""
     gc.collect()  # garbage left by the previous run should not be charged to this one
     start = time.perf_counter()
@@ -258,11 +264,11 @@ def _agree(a: float, b: float) -> bool:
     return abs(a - b) <= TOLERANCE
 
 
-def compare(gt: dict, results: List[dict], iou_type: str, repeat: int) -> Tuple[dict, bool]:
+def compare(gt: dict, results: list[dict], iou_type: str, repeat: int) -> tuple[dict, bool]:
     """Run the three evaluators ``repeat`` times each (interleaved, so load drifts hit all of
     them alike); print the table. Returns ({evaluator: {"seconds", metrics...}}, agree)."""
     best = {name: math.inf for name in EVALUATORS}
-    metrics: Dict[str, Dict[str, float]] = {}
+    metrics: dict[str, dict[str, float]] = {}
     for _ in range(repeat):
         for name, run in EVALUATORS.items():
             metrics[name], seconds = run(gt, results, iou_type)
@@ -274,10 +280,16 @@ def compare(gt: dict, results: List[dict], iou_type: str, repeat: int) -> Tuple[
         ref = metrics["pycocotools"][m]
         ok = all(_agree(metrics[n][m], ref) for n in names)
         agree &= ok
-        print(f"      {m:<7}" + "".join(f"{metrics[n][m]:>18.4f}" for n in names)
-              + ("" if ok else "   <-- differs"))
-    print(f"      {'seconds':<7}" + "".join(f"{best[n]:>18.3f}" for n in names)
-          + f"   (best of {repeat})")
+        print(
+            f"      {m:<7}"
+            + "".join(f"{metrics[n][m]:>18.4f}" for n in names)
+            + ("" if ok else "   <-- differs")
+        )
+    print(
+        f"      {'seconds':<7}"
+        + "".join(f"{best[n]:>18.3f}" for n in names)
+        + f"   (best of {repeat})"
+    )
     report: dict = {n: {"seconds": best[n], **metrics[n]} for n in names}
     report["ratios"] = {
         "pycocotools/ours": best["pycocotools"] / best["ours"],
@@ -287,17 +299,29 @@ def compare(gt: dict, results: List[dict], iou_type: str, repeat: int) -> Tuple[
     return report, agree
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gt", help="COCO annotation json (default: generate synthetic data)")
     parser.add_argument("--results", help="COCO results json (with --gt)")
     parser.add_argument("--iou-type", choices=["bbox", "segm"], help="default: both if possible")
     parser.add_argument("--json", help="write metrics and timings here")
     parser.add_argument("--num-images", type=int, default=5000, help="synthetic images")
-    parser.add_argument("--objects", type=int, nargs=2, default=(2, 6), metavar=("MIN", "MAX"),
-                        help="synthetic ground-truth objects per image")
-    parser.add_argument("--false-positives", type=int, nargs=2, default=(1, 4),
-                        metavar=("MIN", "MAX"), help="synthetic false positives per image")
+    parser.add_argument(
+        "--objects",
+        type=int,
+        nargs=2,
+        default=(2, 6),
+        metavar=("MIN", "MAX"),
+        help="synthetic ground-truth objects per image",
+    )
+    parser.add_argument(
+        "--false-positives",
+        type=int,
+        nargs=2,
+        default=(1, 4),
+        metavar=("MIN", "MAX"),
+        help="synthetic false positives per image",
+    )
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     parser.add_argument(
         "--repeat", type=int, default=3, help="time each evaluator this many times, keep the best"
@@ -313,7 +337,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             results = json.load(f)
     else:
         gt, results = make_synthetic_coco(
-            num_images=args.num_images, seed=args.seed, objects=tuple(args.objects),
+            num_images=args.num_images,
+            seed=args.seed,
+            objects=tuple(args.objects),
             false_positives=tuple(args.false_positives),
         )
     if args.iou_type:

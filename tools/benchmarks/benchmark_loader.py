@@ -16,6 +16,7 @@ Default data: the real COCO photos of ../shared/data/coco_tiny (the first 16 of 
 captioned images, read over and over). Timing starts after ``--warmup`` batches, so worker
 start-up is not counted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,9 @@ def _equal_subset(captions: str, num_shards: int, tmp: str) -> tuple[str, int]:
     (with captions); returns (its path, images per shard)."""
     with open(captions) as f:
         data = json.load(f)
-    captioned = sorted({a["image_id"] for a in data["annotations"] if str(a.get("caption", ""))
-                        .strip()})
+    captioned = sorted(
+        {a["image_id"] for a in data["annotations"] if str(a.get("caption", "")).strip()}
+    )
     per_shard = len(captioned) // num_shards
     if per_shard == 0:
         raise SystemExit(f"{captions} has {len(captioned)} captioned images; need {num_shards}")
@@ -100,8 +102,9 @@ def _equal_subset(captions: str, num_shards: int, tmp: str) -> tuple[str, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--captions", default=os.path.join(COCO_TINY, "annotations",
-                                                           "captions_subset.json"))
+    parser.add_argument(
+        "--captions", default=os.path.join(COCO_TINY, "annotations", "captions_subset.json")
+    )
     parser.add_argument("--images", default=COCO_TINY)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -133,8 +136,9 @@ def main(argv=None) -> int:
         # differs between images).
         args.captions, per_shard = _equal_subset(args.captions, 2 * max(1, args.workers), tmp)
         tokenizer = train_vocabulary([args.captions], 300, os.path.join(tmp, "vocab.json"))
-        summary = make_shards.make_shards(args.captions, args.images,
-                                          os.path.join(tmp, "shards"), per_shard, progress=False)
+        summary = make_shards.make_shards(
+            args.captions, args.images, os.path.join(tmp, "shards"), per_shard, progress=False
+        )
     records = load_coco_captions_json(args.captions, args.images)
     name = "benchmark_loader_json"
     if name in DatasetCatalog.list():
@@ -146,31 +150,52 @@ def main(argv=None) -> int:
         cfg = _config(args, args.vocab, args.vocab_size, paths[args.measure])
         print(json.dumps(_measure(cfg, args)))
         return 0
-    print(f"{len(records)} images, {summary['shards']} shards of <= {per_shard}; "
-          f"{args.workers} workers, batches of {args.batch_size}, {args.crop} px crops")
+    print(
+        f"{len(records)} images, {summary['shards']} shards of <= {per_shard}; "
+        f"{args.workers} workers, batches of {args.batch_size}, {args.crop} px crops"
+    )
     runs: dict[str, list[dict]] = {k: [] for k in paths}
     for repeat in range(args.repeats):
         # A fresh process per measurement; the order alternates, so that neither path always
         # runs right after the other.
         for label in list(paths)[:: 1 if repeat % 2 == 0 else -1]:
-            cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]),
-                   "--captions", args.captions, "--measure", label, "--vocab", tokenizer.path,
-                   "--vocab-size", str(len(tokenizer)), "--shards", summary["pattern"]]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                *(argv or sys.argv[1:]),
+                "--captions",
+                args.captions,
+                "--measure",
+                label,
+                "--vocab",
+                tokenizer.path,
+                "--vocab-size",
+                str(len(tokenizer)),
+                "--shards",
+                summary["pattern"],
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
             if out.returncode:
                 raise SystemExit(f"measurement of {label} failed:\n{out.stderr[-3000:]}")
             runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[label][-1]
-            print(f"  run {repeat + 1} {label:>13}: {r['images_per_s']:7.1f} images/s, "
-                  f"{r['cpu_ms_per_image']:5.2f} worker CPU ms/image", flush=True)
+            print(
+                f"  run {repeat + 1} {label:>13}: {r['images_per_s']:7.1f} images/s, "
+                f"{r['cpu_ms_per_image']:5.2f} worker CPU ms/image",
+                flush=True,
+            )
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     a, b = med["json + folder"], med["shards"]
-    print(f"median images/s: json + folder {a['images_per_s']:.1f} | shards "
-          f"{b['images_per_s']:.1f} | ratio shards/json "
-          f"{b['images_per_s'] / a['images_per_s']:.3f}")
-    print(f"median worker CPU ms/image: json + folder {a['cpu_ms_per_image']:.2f} | shards "
-          f"{b['cpu_ms_per_image']:.2f} | ratio json/shards "
-          f"{a['cpu_ms_per_image'] / b['cpu_ms_per_image']:.3f}")
+    print(
+        f"median images/s: json + folder {a['images_per_s']:.1f} | shards "
+        f"{b['images_per_s']:.1f} | ratio shards/json "
+        f"{b['images_per_s'] / a['images_per_s']:.3f}"
+    )
+    print(
+        f"median worker CPU ms/image: json + folder {a['cpu_ms_per_image']:.2f} | shards "
+        f"{b['cpu_ms_per_image']:.2f} | ratio json/shards "
+        f"{a['cpu_ms_per_image'] / b['cpu_ms_per_image']:.3f}"
+    )
     shutil.rmtree(tmp)
     return 0
 

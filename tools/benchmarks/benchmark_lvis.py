@@ -10,7 +10,8 @@ included), and writes them to ``--json``.
     python tools/benchmarks/benchmark_lvis.py --config-file F --weights W [--dataset lvis_v1_val]
                                    [--json OUT] [--output-dir DIR] [KEY VALUE ...]
     python tools/benchmarks/benchmark_lvis.py --results RES.json [--dataset NAME] [--json OUT]
-    python tools/benchmarks/benchmark_lvis.py --lvis-scale [--num-images 20000] [--dets-per-image 300]
+    python tools/benchmarks/benchmark_lvis.py --lvis-scale [--num-images 20000]
+        [--dets-per-image 300]
 
 ``--lvis-scale`` measures the evaluator alone at LVIS v1 val's size: a synthetic LVIS-format
 set (1,203 categories with LVIS v1's rare / common / frequent counts, ~12 objects, 8 verified
@@ -18,6 +19,7 @@ negative categories and some not-exhaustive ones per image) with 300 box detecti
 evaluated in a fresh process that reports its wall time (indexing the ground truth to the
 summary) and its peak RSS (``resource.getrusage``), before and after evaluating.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +29,6 @@ import multiprocessing as mp
 import os
 import resource
 import time
-from typing import Dict, List, Optional
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -101,21 +102,21 @@ def _ground_truth_file(dataset: str) -> str:
     return json_file
 
 
-def evaluate_results_file(dataset: str, results_path: str) -> Dict:
+def evaluate_results_file(dataset: str, results_path: str) -> dict:
     """Evaluate an LVIS results json against ``dataset``'s annotations."""
     start = time.perf_counter()
     gt_api = load_gt(_ground_truth_file(dataset))
     with open(results_path) as f:
         results = json.load(f)
     tasks = ["bbox", "segm"] if any("segmentation" in r for r in results) else ["bbox"]
-    report: Dict = {"num_images": len(gt_api.imgs), "num_detections": len(results)}
+    report: dict = {"num_images": len(gt_api.imgs), "num_detections": len(results)}
     for task in tasks:
         report[task] = evaluate_coco_json(gt_api, results, task, lvis=True)
     report["eval_seconds"] = time.perf_counter() - start
     return report
 
 
-def run_inference(args: argparse.Namespace) -> Dict:
+def run_inference(args: argparse.Namespace) -> dict:
     """Build the model from the config, load weights, run inference + FastLVISEvaluator."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
@@ -142,7 +143,7 @@ def run_inference(args: argparse.Namespace) -> Dict:
     results = inference_on_dataset(model, _ProgressLoader(loader, args.dataset), evaluator)
     total = time.perf_counter() - start
     inference_seconds = total - evaluator.eval_seconds
-    report: Dict = {
+    report: dict = {
         "num_images": evaluator.num_images,
         "device": str(cfg.MODEL.DEVICE),
         "inference_seconds": inference_seconds,
@@ -177,32 +178,49 @@ def make_lvis_scale(num_images: int, dets_per_image: int, seed: int = 0) -> tupl
         boxes = np.concatenate([xy, wh], axis=1)
         present = sorted(set(gt_cats.tolist()))
         negatives = sorted(set(rng.choice(len(cats), 8, replace=False) + 1) - set(present))
-        images.append({
-            "id": image_id, "width": _WIDTH, "height": _HEIGHT,
-            "neg_category_ids": [int(c) for c in negatives],
-            "not_exhaustive_category_ids": [c for c in present if rng.random() < 0.1],
-        })
+        images.append(
+            {
+                "id": image_id,
+                "width": _WIDTH,
+                "height": _HEIGHT,
+                "neg_category_ids": [int(c) for c in negatives],
+                "not_exhaustive_category_ids": [c for c in present if rng.random() < 0.1],
+            }
+        )
         for c, (x, y, w, h) in zip(gt_cats.tolist(), boxes.tolist()):
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": c,
-                         "bbox": [x, y, w, h], "area": w * h,
-                         "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": c,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+                }
+            )
         near = dets_per_image // 3
         pick = rng.integers(0, n, size=near)
         jitter = rng.normal(0, 0.1, size=(near, 4)) * np.repeat(wh[pick], 2, axis=1)
         far_wh = np.exp(rng.uniform(np.log(6), np.log(400), size=(dets_per_image - near, 2)))
         far_xy = rng.uniform(0, 1, size=far_wh.shape) * ([_WIDTH, _HEIGHT] - far_wh).clip(0)
         det_box.append(np.concatenate([boxes[pick] + jitter, np.hstack([far_xy, far_wh])]))
-        labels = np.where(rng.random(near) < 0.8, gt_cats[pick],
-                          rng.integers(1, len(cats) + 1, size=near))
-        det_cat.append(np.concatenate([labels,
-                                       rng.integers(1, len(cats) + 1, dets_per_image - near)]))
+        labels = np.where(
+            rng.random(near) < 0.8, gt_cats[pick], rng.integers(1, len(cats) + 1, size=near)
+        )
+        det_cat.append(
+            np.concatenate([labels, rng.integers(1, len(cats) + 1, dets_per_image - near)])
+        )
         det_img.append(np.full(dets_per_image, image_id))
     box = np.concatenate(det_box)
     box[:, 2:] = box[:, 2:].clip(1)
     results = [
         {"image_id": i, "category_id": c, "bbox": b, "score": s}
-        for i, c, b, s in zip(np.concatenate(det_img).tolist(), np.concatenate(det_cat).tolist(),
-                              box.tolist(), rng.random(len(box)).tolist())
+        for i, c, b, s in zip(
+            np.concatenate(det_img).tolist(),
+            np.concatenate(det_cat).tolist(),
+            box.tolist(),
+            rng.random(len(box)).tolist(),
+        )
     ]
     return {"images": images, "annotations": anns, "categories": cats}, results
 
@@ -215,20 +233,28 @@ def _rss_mb() -> float:
 def _lvis_scale_worker(num_images: int, dets_per_image: int, queue) -> None:
     at_start = _rss_mb()  # the interpreter with torch, detectron2 and hotcoco imported
     gt, results = make_lvis_scale(num_images, dets_per_image)
-    before = {"rss_mb": _rss_mb(), "rss_mb_at_start": at_start,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    before = {
+        "rss_mb": _rss_mb(),
+        "rss_mb_at_start": at_start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     start = time.perf_counter()
     metrics = evaluate_coco_json(gt, results, "bbox", lvis=True)
     seconds = time.perf_counter() - start
-    queue.put({
-        "num_images": len(gt["images"]), "num_gt": len(gt["annotations"]),
-        "num_detections": len(results), "bbox": metrics, "eval_seconds": seconds,
-        "inputs_in_memory": before,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    })
+    queue.put(
+        {
+            "num_images": len(gt["images"]),
+            "num_gt": len(gt["annotations"]),
+            "num_detections": len(results),
+            "bbox": metrics,
+            "eval_seconds": seconds,
+            "inputs_in_memory": before,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
 
 
-def lvis_scale(num_images: int, dets_per_image: int) -> Dict:
+def lvis_scale(num_images: int, dets_per_image: int) -> dict:
     """Run :func:`_lvis_scale_worker` in a fresh process, so its peak RSS is its own."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -245,13 +271,16 @@ def lvis_scale(num_images: int, dets_per_image: int) -> Dict:
     return report
 
 
-def format_table(report: Dict) -> str:
-    rows = [[task] + [report[task][m] for m in LVIS_METRICS]
-            for task in ("bbox", "segm") if task in report]
+def format_table(report: dict) -> str:
+    rows = [
+        [task] + [report[task][m] for m in LVIS_METRICS]
+        for task in ("bbox", "segm")
+        if task in report
+    ]
     return tabulate(rows, headers=["task"] + list(LVIS_METRICS), floatfmt=".2f", tablefmt="pipe")
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", help="model config (inference mode)")
     parser.add_argument("--weights", help="model checkpoint (inference mode)")
@@ -259,8 +288,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--dataset", default="lvis_v1_val", help="registered LVIS dataset")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--output-dir", help="inference mode: where the evaluator writes results")
-    parser.add_argument("--lvis-scale", action="store_true",
-                        help="time and peak RSS of the evaluator on a synthetic LVIS-sized set")
+    parser.add_argument(
+        "--lvis-scale",
+        action="store_true",
+        help="time and peak RSS of the evaluator on a synthetic LVIS-sized set",
+    )
     parser.add_argument("--num-images", type=int, default=20000, help="--lvis-scale images")
     parser.add_argument("--dets-per-image", type=int, default=300, help="--lvis-scale detections")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -289,10 +321,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         )
     print(f"evaluation: {report['eval_seconds']:.2f}s")
     if "peak_rss_mb" in report:
-        print(f"{report['num_detections']} detections, {report['num_gt']} ground truth; peak RSS "
-              f"{report['peak_rss_mb']:.0f} MB (with the inputs in memory, before evaluating: "
-              f"{report['inputs_in_memory']['rss_mb']:.0f} MB; at start: "
-              f"{report['inputs_in_memory']['rss_mb_at_start']:.0f} MB)")
+        print(
+            f"{report['num_detections']} detections, {report['num_gt']} ground truth; peak RSS "
+            f"{report['peak_rss_mb']:.0f} MB (with the inputs in memory, before evaluating: "
+            f"{report['inputs_in_memory']['rss_mb']:.0f} MB; at start: "
+            f"{report['inputs_in_memory']['rss_mb_at_start']:.0f} MB)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(nan_to_none(report), f, indent=2)

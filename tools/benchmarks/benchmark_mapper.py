@@ -29,6 +29,7 @@ Systems:
 Default data: the 80 real COCO photos of ../shared/data/coco_tiny/train2017, each with COCO
 captions (the 17 captioned ones keep theirs; the rest borrow them in turn).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,9 +62,14 @@ def _records(images: str, captions_json: str) -> list[dict]:
     files = sorted(glob.glob(os.path.join(images, "*.jpg")))
     if not files:
         raise SystemExit(f"no .jpg files in {images}")
-    return [{"file_name": f, "image_id": i,
-             "captions": caps.get(by_name.get(os.path.basename(f)), pool[i % len(pool)])}
-            for i, f in enumerate(files)]
+    return [
+        {
+            "file_name": f,
+            "image_id": i,
+            "captions": caps.get(by_name.get(os.path.basename(f)), pool[i % len(pool)]),
+        }
+        for i, f in enumerate(files)
+    ]
 
 
 def _config(tokenizer, crop: int, antialias: bool):
@@ -73,8 +79,9 @@ def _config(tokenizer, crop: int, antialias: bool):
 
     cfg = get_cfg()
     virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "pretrain",
-                                     "bicaptioning_R_50_L1_H2048.yaml"))
+    cfg.merge_from_file(
+        os.path.join(REPO, "configs", "pretrain", "bicaptioning_R_50_L1_H2048.yaml")
+    )
     cfg.MODEL.VIRTEX.TOKENIZER, cfg.MODEL.VIRTEX.VOCAB_SIZE = tokenizer.path, len(tokenizer)
     cfg.INPUT.VIRTEX.CROP_SIZE = crop
     cfg.INPUT.VIRTEX.RESIZE_ANTIALIAS = antialias
@@ -114,13 +121,15 @@ class ReferenceStyle:
     def __call__(self, record: dict) -> dict:
         img = cv2.cvtColor(cv2.imread(record["file_name"]), cv2.COLOR_BGR2RGB)
         x0, y0, cw, ch = self._box(*img.shape[:2])
-        img = cv2.resize(img[y0:y0 + ch, x0:x0 + cw], (self.crop, self.crop),
-                         interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(
+            img[y0 : y0 + ch, x0 : x0 + cw], (self.crop, self.crop), interpolation=cv2.INTER_LINEAR
+        )
         caption = random.choice(record["captions"])
         if random.random() < 0.5:
             img = cv2.flip(img, 1)
-            caption = caption.replace("left", "[TMP]").replace("right", "left").replace(
-                "[TMP]", "right")
+            caption = (
+                caption.replace("left", "[TMP]").replace("right", "left").replace("[TMP]", "right")
+            )
         if random.random() < 0.8:
             img = self._jitter(img)
         return _tensors(img, caption, self.tokenizer, self.max_length)
@@ -147,12 +156,14 @@ class Albumentations(ReferenceStyle):
 
     def __init__(self, tokenizer, crop: int, alb):
         super().__init__(tokenizer, crop)
-        self.transform = alb.Compose([
-            alb.RandomResizedCrop(size=(crop, crop), scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)),
-            alb.HorizontalFlip(p=0.5),
-            alb.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
-            alb.Normalize(),
-        ])
+        self.transform = alb.Compose(
+            [
+                alb.RandomResizedCrop(size=(crop, crop), scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)),
+                alb.HorizontalFlip(p=0.5),
+                alb.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
+                alb.Normalize(),
+            ]
+        )
 
     def __call__(self, record: dict) -> dict:
         img = cv2.cvtColor(cv2.imread(record["file_name"]), cv2.COLOR_BGR2RGB)
@@ -167,15 +178,19 @@ def _tensors(img: np.ndarray, caption: str, tokenizer, max_length: int) -> dict:
     from virtex_d2.data.tokenizer import EOS_ID, SOS_ID
 
     tokens = [SOS_ID, *tokenizer.encode(caption)[: max_length - 2], EOS_ID]
-    return {"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
-            "caption_tokens": torch.tensor(tokens), "noitpac_tokens": torch.tensor(tokens[::-1])}
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+        "caption_tokens": torch.tensor(tokens),
+        "noitpac_tokens": torch.tensor(tokens[::-1]),
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", default=os.path.join(COCO_TINY, "train2017"))
-    parser.add_argument("--captions", default=os.path.join(COCO_TINY, "annotations",
-                                                           "captions_subset.json"))
+    parser.add_argument(
+        "--captions", default=os.path.join(COCO_TINY, "annotations", "captions_subset.json")
+    )
     parser.add_argument("--rounds", type=int, default=6, help="timed passes over the images")
     parser.add_argument("--crop", type=int, default=224)
     args = parser.parse_args(argv)
@@ -190,12 +205,14 @@ def main(argv=None) -> int:
     random.seed(0)
     np.random.seed(0)
     records = _records(args.images, args.captions)
-    tokenizer = train_vocabulary([args.captions], 300,
-                                 os.path.join(tempfile.mkdtemp(), "vocab.json"))
+    tokenizer = train_vocabulary(
+        [args.captions], 300, os.path.join(tempfile.mkdtemp(), "vocab.json")
+    )
     systems = {
         "ours": CaptionDatasetMapper(_config(tokenizer, args.crop, True), True),
         "ours, RESIZE_ANTIALIAS False": CaptionDatasetMapper(
-            _config(tokenizer, args.crop, False), True),
+            _config(tokenizer, args.crop, False), True
+        ),
         "reference-style (cv2/numpy)": ReferenceStyle(tokenizer, args.crop),
         "reference-style + Normalize": ReferenceNormalized(tokenizer, args.crop),
     }
@@ -214,20 +231,26 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for r in records:
             k += 1
-            for n in names[k % len(names):] + names[: k % len(names)]:
+            for n in names[k % len(names) :] + names[: k % len(names)]:
                 start = time.perf_counter()
                 systems[n](r)
                 times[n].append(time.perf_counter() - start)
     ref = statistics.median(times["reference-style (cv2/numpy)"])
-    print(f"{len(records)} images x {args.rounds} rounds, {args.crop} px crops, one thread; "
-          "median ms/image (mean):")
+    print(
+        f"{len(records)} images x {args.rounds} rounds, {args.crop} px crops, one thread; "
+        "median ms/image (mean):"
+    )
     for n in names:
         med, mean = statistics.median(times[n]), statistics.fmean(times[n])
-        print(f"  {n:32s} {1000 * med:6.2f} ({1000 * mean:5.2f})   x{med / ref:.2f} of "
-              "reference-style")
+        print(
+            f"  {n:32s} {1000 * med:6.2f} ({1000 * mean:5.2f})   x{med / ref:.2f} of "
+            "reference-style"
+        )
     ours = times["ours"]
-    print(f"ours: {1 / statistics.median(ours):.0f} images/s per worker from the median, "
-          f"{len(ours) / sum(ours):.0f} from the mean")
+    print(
+        f"ours: {1 / statistics.median(ours):.0f} images/s per worker from the median, "
+        f"{len(ours) / sum(ours):.0f} from the mean"
+    )
     return 0
 
 

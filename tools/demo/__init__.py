@@ -11,3 +11,5 @@ Modules:
 - :mod:`.plots` and :mod:`.report`: PNGs, captions and ``report.md``;
 - :mod:`.pipeline`: the command line (``tools/run_demo.py``).
 """
+
+from __future__ import annotations

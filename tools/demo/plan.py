@@ -4,11 +4,11 @@ Every training stage is a ``tools/train_net.py`` call (config file + ``KEY VALUE
 writing into its own directory under the demo output. Fine-tunes from VirTex and from random
 init of the same dataset and seed differ *only* in ``MODEL.WEIGHTS``.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 from virtex_d2.config import CAPTIONING_TASKS, PRETRAINING_TASKS
 
@@ -21,22 +21,34 @@ INITS = ("virtex", "random")
 class Schedule:
     """Budgets of one mode; the configs carry the architecture and the learning rates."""
 
-    seeds: Tuple[int, ...]
-    pretrain_opts: Tuple[str, ...] = ()  # extra overrides on configs/demo/<task>_R_18.yaml
-    finetune_opts: Tuple[str, ...] = ()  # extra overrides on configs/demo/*mask_rcnn*.yaml
-    datasets: Tuple[str, ...] = DATASETS
+    seeds: tuple[int, ...]
+    pretrain_opts: tuple[str, ...] = ()  # extra overrides on configs/demo/<task>_R_18.yaml
+    finetune_opts: tuple[str, ...] = ()  # extra overrides on configs/demo/*mask_rcnn*.yaml
+    datasets: tuple[str, ...] = DATASETS
 
 
 # Quick: the configs as they are (see the comments in configs/demo/*.yaml for the budget).
 # Full: 2.5x the pretraining, 2x the fine-tuning (steps scaled alike), three seeds.
 # Smoke: a few iterations on a tiny dataset, to test the machinery (tests/tools/test_demo.py).
 _SMOKE_FT = (
-    "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "1",
-    "TEST.PRECISE_BN.ENABLED", "False", "INPUT.MIN_SIZE_TRAIN", "(64,)",
-    "INPUT.MIN_SIZE_TEST", "64",
+    "SOLVER.MAX_ITER",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "1",
+    "TEST.PRECISE_BN.ENABLED",
+    "False",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
 )
-SCHEDULES: Dict[str, Schedule] = {
+SCHEDULES: dict[str, Schedule] = {
     "quick": Schedule(seeds=(1, 2)),
     "full": Schedule(
         seeds=(1, 2, 3),
@@ -46,12 +58,27 @@ SCHEDULES: Dict[str, Schedule] = {
     "smoke": Schedule(
         seeds=(1,),
         pretrain_opts=(
-            "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.IMS_PER_BATCH", "4",
-            "SOLVER.CHECKPOINT_PERIOD", "1", "DATALOADER.NUM_WORKERS", "0",
-            "INPUT.VIRTEX.CROP_SIZE", "64", "INPUT.VIRTEX.TEST_RESIZE", "64",
-            "INPUT.VIRTEX.TEST_CROP_SIZE", "64", "MODEL.VIRTEX.DECODER.BEAM_SIZE", "1",
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.WARMUP_ITERS",
+            "1",
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "1",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "INPUT.VIRTEX.CROP_SIZE",
+            "64",
+            "INPUT.VIRTEX.TEST_RESIZE",
+            "64",
+            "INPUT.VIRTEX.TEST_CROP_SIZE",
+            "64",
+            "MODEL.VIRTEX.DECODER.BEAM_SIZE",
+            "1",
             # A tiny dataset's captions cannot fill a 200-token vocabulary.
-            "MODEL.VIRTEX.VOCAB_SIZE", "120",
+            "MODEL.VIRTEX.VOCAB_SIZE",
+            "120",
         ),
         finetune_opts=_SMOKE_FT,
     ),
@@ -64,11 +91,11 @@ class TrainStage:
 
     name: str  # e.g. "finetune/coco/virtex/seed1"
     config: str  # config file, relative to the repository root
-    opts: List[str] = field(default_factory=list)
+    opts: list[str] = field(default_factory=list)
     output_dir: str = ""
-    weights_from: Optional[str] = None  # pretraining task whose converted backbone is used
+    weights_from: str | None = None  # pretraining task whose converted backbone is used
 
-    def command_opts(self, weights: str = "") -> List[str]:
+    def command_opts(self, weights: str = "") -> list[str]:
         """The overrides passed on the command line (MODEL.WEIGHTS filled in for fine-tunes)."""
         opts = list(self.opts) + ["OUTPUT_DIR", self.output_dir]
         if self.weights_from is not None or self.name.startswith("finetune"):
@@ -85,7 +112,7 @@ def finetune_config(dataset: str) -> str:
     return os.path.join("configs", "demo", name)
 
 
-def pretrain_stage(task: str, schedule: Schedule, out: str, extra: Tuple[str, ...] = ()):
+def pretrain_stage(task: str, schedule: Schedule, out: str, extra: tuple[str, ...] = ()):
     opts = ["SEED", "0", *schedule.pretrain_opts, *extra]
     if task not in CAPTIONING_TASKS:
         # Caption metrics need a captioning model; the other tasks are judged by transfer only.
@@ -110,14 +137,15 @@ def finetune_stage(dataset: str, init: str, seed: int, schedule: Schedule, out: 
     )
 
 
-def finetune_stages(schedule: Schedule, out: str, ablation: bool) -> List[TrainStage]:
+def finetune_stages(schedule: Schedule, out: str, ablation: bool) -> list[TrainStage]:
     """Main comparison first; per (dataset, seed) the VirTex and random runs are adjacent, so
     that with two parallel jobs they run side by side under the same machine load."""
     stages = []
     for dataset in schedule.datasets:
         for seed in schedule.seeds:
-            stages += [finetune_stage(dataset, i, seed, schedule, out)
-                       for i in ("bicaptioning", "random")]
+            stages += [
+                finetune_stage(dataset, i, seed, schedule, out) for i in ("bicaptioning", "random")
+            ]
     if ablation:
         for task in PRETRAIN_TASKS[1:]:
             stages += [finetune_stage("coco", task, s, schedule, out) for s in schedule.seeds]

@@ -1,19 +1,20 @@
 """The report's figures: training-loss curves, AP per init, validation images with captions."""
+
 from __future__ import annotations
 
 import textwrap
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
-Curve = List[Tuple[int, float]]
+Curve = list[tuple[int, float]]
 _COLORS = {"virtex": "tab:blue", "random": "tab:orange"}
 
 
-def plot_losses(pretrain: Dict[str, Curve], finetune: Dict[str, Dict[str, Curve]], path: str):
+def plot_losses(pretrain: dict[str, Curve], finetune: dict[str, dict[str, Curve]], path: str):
     """``pretrain``: task -> curve; ``finetune``: dataset -> {"<init>/seed<s>": curve}."""
     panels = 1 + len(finetune)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
@@ -29,8 +30,7 @@ def plot_losses(pretrain: Dict[str, Curve], finetune: Dict[str, Dict[str, Curve]
                 init = name.split("/")[0]
                 style = "-" if name.endswith("seed1") else "--"
                 ax.plot(*zip(*curve), style, color=_COLORS.get(init), label=name)
-        ax.set(title=f"Mask R-CNN fine-tuning ({dataset})", xlabel="iteration",
-               ylabel="total loss")
+        ax.set(title=f"Mask R-CNN fine-tuning ({dataset})", xlabel="iteration", ylabel="total loss")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -59,7 +59,7 @@ def plot_ap_bars(results: dict, metrics: Sequence[str], path: str):
     plt.close(fig)
 
 
-def caption_grid(items: List[dict], path: str, columns: int = 4):
+def caption_grid(items: list[dict], path: str, columns: int = 4):
     """``items``: {"file_name", "caption", "reference"} -> images with both captions."""
     from PIL import Image
 
@@ -69,8 +69,10 @@ def caption_grid(items: List[dict], path: str, columns: int = 4):
         ax.axis("off")
     for ax, item in zip(axes.flat, items):
         ax.imshow(Image.open(item["file_name"]).convert("RGB"))
-        text = "\n".join(textwrap.wrap("VirTex: " + item["caption"], 34)
-                         + textwrap.wrap("truth: " + item["reference"], 34))
+        text = "\n".join(
+            textwrap.wrap("VirTex: " + item["caption"], 34)
+            + textwrap.wrap("truth: " + item["reference"], 34)
+        )
         ax.set_title(text, fontsize=7, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,10 +1,11 @@
 """Reading a stage's metrics.json, and the demo's ``results.json`` (means over seeds)."""
+
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
 
 # results.json keys per init: (dataset, task, metric in Detectron2's results).
 # lvis_AP is LVIS's headline metric, mask AP; the box AP and the frequency tiers come along.
@@ -19,7 +20,7 @@ METRICS = {
 }
 
 
-def read_metrics(path: str) -> List[dict]:
+def read_metrics(path: str) -> list[dict]:
     """The records of a Detectron2 metrics.json (one json per line; a torn last line of an
     interrupted run is skipped)."""
     records = []
@@ -34,7 +35,7 @@ def read_metrics(path: str) -> List[dict]:
     return records
 
 
-def final_evaluation(path: str) -> Dict[str, Dict[str, float]]:
+def final_evaluation(path: str) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` of the last evaluation logged in metrics.json.
 
     Detectron2's EvalHook stores the flattened results ("bbox/AP", "captioning/CIDEr") in the
@@ -43,7 +44,7 @@ def final_evaluation(path: str) -> Dict[str, Dict[str, float]]:
     for record in reversed(read_metrics(path)):
         evaluated = {k: v for k, v in record.items() if "/" in k and k.count("/") == 1}
         if evaluated:
-            out: Dict[str, Dict[str, float]] = {}
+            out: dict[str, dict[str, float]] = {}
             for key, value in evaluated.items():
                 task, metric = key.split("/")
                 out.setdefault(task, {})[metric] = value
@@ -51,7 +52,7 @@ def final_evaluation(path: str) -> Dict[str, Dict[str, float]]:
     return {}
 
 
-def loss_curve(path: str, key: str = "total_loss") -> List[tuple]:
+def loss_curve(path: str, key: str = "total_loss") -> list[tuple]:
     """(iteration, value) pairs; after a resume the re-logged iterations keep the last value."""
     points = {}
     for record in read_metrics(path):
@@ -60,12 +61,12 @@ def loss_curve(path: str, key: str = "total_loss") -> List[tuple]:
     return sorted(points.items())
 
 
-def _mean(values: Iterable[Optional[float]]) -> Optional[float]:
+def _mean(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return sum(vals) / len(vals) if vals else None
 
 
-def init_metrics(per_dataset: Dict[str, dict]) -> Dict[str, Optional[float]]:
+def init_metrics(per_dataset: dict[str, dict]) -> dict[str, float | None]:
     """results.json metrics of one init and seed from ``{dataset: stage results}``."""
     out = {}
     for name, (dataset, task, metric) in METRICS.items():
@@ -74,16 +75,16 @@ def init_metrics(per_dataset: Dict[str, dict]) -> Dict[str, Optional[float]]:
     return out
 
 
-def aggregate(per_seed: Dict[int, Dict[str, Dict[str, dict]]]) -> dict:
+def aggregate(per_seed: dict[int, dict[str, dict[str, dict]]]) -> dict:
     """``per_seed[seed][init][dataset]`` = stage results -> the results.json payload:
     ``{init: {metric: mean over seeds}, "seeds": [{"seed", init: {metric: value}}]}``."""
     seeds = []
     for seed in sorted(per_seed):
-        entry: Dict[str, object] = {"seed": seed}
+        entry: dict[str, object] = {"seed": seed}
         for init, datasets in per_seed[seed].items():
             entry[init] = init_metrics(datasets)
         seeds.append(entry)
-    payload: Dict[str, object] = {}
+    payload: dict[str, object] = {}
     inits = sorted({i for s in per_seed.values() for i in s}, key=lambda i: i != "virtex")
     for init in inits:
         names = sorted({k for s in seeds for k in s.get(init, {})}, key=list(METRICS).index)

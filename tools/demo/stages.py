@@ -16,6 +16,7 @@ command line *and* digests of the resolved config and of the initial weights fil
 a config file (or re-pretraining the backbone a fine-tune starts from) is not mistaken for a
 finished stage.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable
 
 from .plan import TrainStage
 from .results import final_evaluation
@@ -64,7 +65,7 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str) -> Optional[dict]:
+def read_json(path: str) -> dict | None:
     try:
         with open(path) as f:
             return json.load(f)
@@ -80,7 +81,7 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def signature(stage: TrainStage, weights: str, repo: str) -> Dict[str, object]:
+def signature(stage: TrainStage, weights: str, repo: str) -> dict[str, object]:
     """What a stage's result depends on: its command line, the config it resolves to (the
     config file, its ``_BASE_`` chain and the overrides) and the initial weights' bytes."""
     from virtex_d2.config import setup_cfg
@@ -94,8 +95,9 @@ def signature(stage: TrainStage, weights: str, repo: str) -> Dict[str, object]:
     }
 
 
-def finished(stage: TrainStage, weights: str, repo: str,
-             sig: Optional[Dict[str, object]] = None) -> Optional[dict]:
+def finished(
+    stage: TrainStage, weights: str, repo: str, sig: dict[str, object] | None = None
+) -> dict | None:
     """The marker of a finished stage with this signature (``sig``, computed if not given),
     else None (StageError if the directory holds a different run)."""
     sig = sig or signature(stage, weights, repo)
@@ -126,9 +128,13 @@ class Runner:
     threads: int = 2
     verbose: bool = False
 
-    def command(self, stage: TrainStage, weights: str, resume: bool) -> List[str]:
-        cmd = [sys.executable, os.path.join(self.repo, "tools", "train_net.py"),
-               "--config-file", os.path.join(self.repo, stage.config)]
+    def command(self, stage: TrainStage, weights: str, resume: bool) -> list[str]:
+        cmd = [
+            sys.executable,
+            os.path.join(self.repo, "tools", "train_net.py"),
+            "--config-file",
+            os.path.join(self.repo, stage.config),
+        ]
         return cmd + (["--resume"] if resume else []) + stage.command_opts(weights)
 
     def run(self, stage: TrainStage, weights: str = "", index: str = "") -> dict:
@@ -141,8 +147,7 @@ class Runner:
             say(f"{tag} already finished ({fmt_seconds(done['seconds'])}): reused")
             return done
         resume = os.path.isfile(os.path.join(stage.output_dir, "last_checkpoint"))
-        write_json(os.path.join(stage.output_dir, STARTED),
-                   {"signature": sig})
+        write_json(os.path.join(stage.output_dir, STARTED), {"signature": sig})
         cmd = self.command(stage, weights, resume)
         say(f"{tag} {'resuming' if resume else 'starting'}: {shlex.join(cmd[1:])}")
         start = time.time()
@@ -162,17 +167,24 @@ class Runner:
         say(f"{tag} done in {fmt_seconds(seconds)}" + _summary(results))
         return record
 
-    def _execute(self, cmd: List[str], output_dir: str, tag: str) -> float:
+    def _execute(self, cmd: list[str], output_dir: str, tag: str) -> float:
         """Run ``cmd``, echo its progress lines; returns its CPU seconds (user + system)."""
         env = dict(os.environ)
         for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[key] = str(self.threads)
         env.setdefault("PYTHONUNBUFFERED", "1")
         os.makedirs(output_dir, exist_ok=True)
-        tail: List[str] = []
+        tail: list[str] = []
         with open(os.path.join(output_dir, "stdout.log"), "a") as log:
-            proc = subprocess.Popen(cmd, cwd=self.repo, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.repo,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
@@ -185,8 +197,10 @@ class Runner:
             proc.returncode = code = os.waitstatus_to_exitcode(status)
         if code != 0:
             say("\n".join(tail))
-            raise StageError(f"{tag} failed (exit code {code}); full output in "
-                             f"{os.path.join(output_dir, 'stdout.log')}")
+            raise StageError(
+                f"{tag} failed (exit code {code}); full output in "
+                f"{os.path.join(output_dir, 'stdout.log')}"
+            )
         return usage.ru_utime + usage.ru_stime
 
 
@@ -199,7 +213,7 @@ def _summary(results: dict) -> str:
     return (": " + ", ".join(parts)) if parts else ""
 
 
-def run_parallel(runner: Runner, jobs: List[Callable[[], dict]], workers: int) -> List[dict]:
+def run_parallel(runner: Runner, jobs: list[Callable[[], dict]], workers: int) -> list[dict]:
     """Run ``jobs`` (each calling ``runner.run``) with ``workers`` at a time, in order; the first
     failure is raised after the running jobs end."""
     if workers <= 1:

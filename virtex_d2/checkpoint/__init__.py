@@ -1,4 +1,7 @@
 """Checkpoint conversion between VirTex, torchvision and Detectron2 layouts."""
+
+from __future__ import annotations
+
 from .convert import (  # noqa: F401
     SOURCES,
     ConversionResult,

@@ -33,12 +33,14 @@ Conversion refuses (:class:`IncompleteBackboneError`) unless every conv and norm
 of res2..res5 for the inferred depth is present with all of weight, bias, running_mean and
 running_var: a silently missing running statistic would load as the identity transform.
 """
+
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -100,7 +102,7 @@ _TV_BLOCK = re.compile(
 class IncompleteBackboneError(ValueError):
     """The source lacks tensors of the backbone; ``missing`` lists them (Detectron2 names)."""
 
-    def __init__(self, message: str, missing: Optional[List[str]] = None):
+    def __init__(self, message: str, missing: list[str] | None = None):
         super().__init__(message)
         self.missing = list(missing or [])
 
@@ -121,19 +123,19 @@ class ConversionResult:
     """
 
     source: str
-    d2_state: "OrderedDict[str, torch.Tensor]"
-    renamed: Dict[str, str]
-    unused_keys: List[str]
-    dropped_keys: List[str]
+    d2_state: OrderedDict[str, torch.Tensor]
+    renamed: dict[str, str]
+    unused_keys: list[str]
+    dropped_keys: list[str]
     depth: int
     block: str
     num_groups: int
     width_per_group: int
     res2_out_channels: int
     stem_out_channels: int
-    notes: List[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    def config_overrides(self) -> Dict[str, Any]:
+    def config_overrides(self) -> dict[str, Any]:
         """MODEL.RESNETS values a Detectron2 model needs for these weights."""
         return {
             "MODEL.RESNETS.DEPTH": self.depth,
@@ -156,16 +158,14 @@ class ConversionResult:
             f"unused source keys: {len(self.unused_keys)}",
         ]
         lines += [f"note: {n}" for n in self.notes]
-        lines.append(
-            "config: " + " ".join(f"{k} {v}" for k, v in self.config_overrides().items())
-        )
+        lines.append("config: " + " ".join(f"{k} {v}" for k, v in self.config_overrides().items()))
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ I/O
 
 
-def load_any_checkpoint(path: str) -> Dict[str, Any]:
+def load_any_checkpoint(path: str) -> dict[str, Any]:
     """Load a ``.pth``/``.pt``/``.pyth`` file with ``torch.load(weights_only=True)`` on the CPU.
 
     Pickle files (``.pkl``) are refused: unpickling runs arbitrary code, and neither VirTex nor
@@ -187,7 +187,7 @@ def load_any_checkpoint(path: str) -> Dict[str, Any]:
     return dict(obj)
 
 
-def extract_state_dict(checkpoint: Mapping[str, Any]) -> "OrderedDict[str, torch.Tensor]":
+def extract_state_dict(checkpoint: Mapping[str, Any]) -> OrderedDict[str, torch.Tensor]:
     """Return the model state dict inside a checkpoint.
 
     ``{"model": sd, ...}`` (Detectron2, reference VirTex) and ``{"state_dict": sd, ...}`` are
@@ -199,7 +199,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any]) -> "OrderedDict[str, torch
         if isinstance(checkpoint.get(wrapper), Mapping):
             state = checkpoint[wrapper]
             break
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             try:
@@ -212,7 +212,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any]) -> "OrderedDict[str, torch
     return out
 
 
-def save_d2_checkpoint(result: Union[ConversionResult, Mapping[str, torch.Tensor]], path: str):
+def save_d2_checkpoint(result: ConversionResult | Mapping[str, torch.Tensor], path: str):
     """Write a Detectron2 backbone checkpoint loadable as ``MODEL.WEIGHTS``.
 
     Only tensors, a string and a bool are stored, so ``torch.load(weights_only=True)`` reads it.
@@ -230,7 +230,7 @@ def save_d2_checkpoint(result: Union[ConversionResult, Mapping[str, torch.Tensor
 # --------------------------------------------------------------------------------------- naming
 
 
-def torchvision_to_d2_name(name: str) -> Optional[str]:
+def torchvision_to_d2_name(name: str) -> str | None:
     """``layer2.0.bn1.running_mean`` -> ``res3.0.conv1.norm.running_mean``; None if not a ResNet
     tensor of the stem or res2..res5 (e.g. ``fc.weight``)."""
     m = _TV_STEM.match(name)
@@ -283,7 +283,7 @@ _LAYOUTS = (
 )
 
 
-def detect_source(state: Mapping[str, Any]) -> Tuple[str, str]:
+def detect_source(state: Mapping[str, Any]) -> tuple[str, str]:
     """(source, prefix) of a state dict, recognised from its keys: a virtex-d2 checkpoint (any
     meta-architecture), a converted backbone, a reference VirTex checkpoint or a torchvision
     ResNet. Raises :class:`IncompleteBackboneError` naming a few keys when none fits."""
@@ -298,14 +298,12 @@ def detect_source(state: Mapping[str, Any]) -> Tuple[str, str]:
     )
 
 
-
-
 def convert_state_dict(
     state: Mapping[str, torch.Tensor],
     source: str,
     *,
-    prefix: Optional[str] = None,
-    expected_depth: Optional[int] = None,
+    prefix: str | None = None,
+    expected_depth: int | None = None,
     progress: bool = False,
 ) -> ConversionResult:
     """Rename a source state dict's ResNet tensors to Detectron2 backbone names.
@@ -327,10 +325,10 @@ def convert_state_dict(
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCE_CHOICES}")
     prefix = DEFAULT_PREFIX[source] if prefix is None else prefix
-    d2_state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    renamed: Dict[str, str] = {}
-    unused: List[str] = []
-    dropped: List[str] = []
+    d2_state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    renamed: dict[str, str] = {}
+    unused: list[str] = []
+    dropped: list[str] = []
     for key in tqdm(state, desc=f"converting ({source})", unit="tensor", disable=not progress):
         name = None
         if key.startswith(prefix):
@@ -371,6 +369,7 @@ def convert_state_dict(
         raise ValueError(f"expected a ResNet-{expected_depth}, found a ResNet-{depth}")
     missing = [n for n in expected_names(d2_state, block, counts) if n not in d2_state]
     if missing:
+
         def _in_source(n: str) -> str:
             return prefix + (n if source == "virtex_d2" else d2_to_torchvision_name(n))
 
@@ -397,11 +396,11 @@ def convert_state_dict(
 
 
 def convert_checkpoint(
-    state_or_path: Union[str, Mapping[str, Any]],
+    state_or_path: str | Mapping[str, Any],
     source: str,
     *,
-    prefix: Optional[str] = None,
-    expected_depth: Optional[int] = None,
+    prefix: str | None = None,
+    expected_depth: int | None = None,
     progress: bool = False,
 ) -> ConversionResult:
     """Convert a checkpoint file, a loaded checkpoint or a bare state dict.

@@ -16,20 +16,26 @@ bicaptioning, ``backward_textual.``), and is described by a config in the refere
   error naming it) and writes ``config.yaml``, ``model_final.pth`` (tensors only) and the
   vocabulary (:func:`import_reference`).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import yaml
 
-from .convert import convert_state_dict, extract_state_dict, load_any_checkpoint
-from .convert import torchvision_to_d2_name
+from .convert import (
+    convert_state_dict,
+    extract_state_dict,
+    load_any_checkpoint,
+    torchvision_to_d2_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ class ReferenceImportError(ValueError):
 class Translation:
     """Our config values (``KEY -> value``) and notes on reference keys without an effect."""
 
-    values: "OrderedDict[str, Any]" = field(default_factory=OrderedDict)
+    values: OrderedDict[str, Any] = field(default_factory=OrderedDict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -98,7 +104,10 @@ def _textual(name: str, task: str) -> dict[str, Any]:
 def _schedule(flat: dict[str, Any]) -> dict[str, Any]:
     name = flat.get("OPTIM.LR_DECAY_NAME", "cosine")
     if name == "cosine":
-        return {"SOLVER.LR_SCHEDULER_NAME": "WarmupCosineLR", "SOLVER.VIRTEX.COSINE_AFTER_WARMUP": True}
+        return {
+            "SOLVER.LR_SCHEDULER_NAME": "WarmupCosineLR",
+            "SOLVER.VIRTEX.COSINE_AFTER_WARMUP": True,
+        }
     if name in ("multistep", "none"):
         steps = tuple(int(s) for s in flat.get("OPTIM.LR_STEPS", [])) if name == "multistep" else ()
         return {
@@ -121,14 +130,20 @@ def translate_config(reference: Mapping[str, Any]) -> Translation:
         raise ReferenceImportError(f"MODEL.NAME {name!r} is not one of {sorted(TASKS)}")
     task = TASKS[name]
     v["MODEL.VIRTEX.TASK"] = task
-    handled = {"MODEL.NAME", "MODEL.TEXTUAL.NAME", "OPTIM.LR_DECAY_NAME", "OPTIM.LR_STEPS",
-               "OPTIM.LR_GAMMA"}
+    handled = {
+        "MODEL.NAME",
+        "MODEL.TEXTUAL.NAME",
+        "OPTIM.LR_DECAY_NAME",
+        "OPTIM.LR_STEPS",
+        "OPTIM.LR_GAMMA",
+    }
     # Missing keys take the reference's defaults (its config.py).
     default_head = "transdec_postnorm::L1_H2048_A32_F8192"
     v.update(_textual(flat.get("MODEL.TEXTUAL.NAME", default_head), task))
     v.update(_schedule(flat))
-    for i, key in enumerate(("DATA.UNK_INDEX", "DATA.SOS_INDEX", "DATA.EOS_INDEX",
-                             "DATA.MASK_INDEX")):
+    for i, key in enumerate(
+        ("DATA.UNK_INDEX", "DATA.SOS_INDEX", "DATA.EOS_INDEX", "DATA.MASK_INDEX")
+    ):
         handled.add(key)
         if key in flat and int(flat[key]) != i:
             raise ReferenceImportError(f"{key} is {flat[key]}; virtex-d2 needs {i}")
@@ -242,22 +257,25 @@ _SHARED = ("visual_projection.", "embedding.", "output.")
 
 
 def _textual_name(rest: str, direction: str) -> str:
-    rest = (rest.replace("multihead_attn.", "cross_attn.")
-            .replace("in_proj_weight", "in_proj.weight")
-            .replace("in_proj_bias", "in_proj.bias"))
+    rest = (
+        rest.replace("multihead_attn.", "cross_attn.")
+        .replace("in_proj_weight", "in_proj.weight")
+        .replace("in_proj_bias", "in_proj.bias")
+    )
     if direction == "backward_textual":
         rest = "backward_" + rest  # transformer. -> backward_transformer.
     return "textual_head." + rest
 
 
-def rename_state_dict(state: Mapping[str, torch.Tensor], task: str
-                      ) -> "OrderedDict[str, torch.Tensor]":
+def rename_state_dict(
+    state: Mapping[str, torch.Tensor], task: str
+) -> OrderedDict[str, torch.Tensor]:
     """Reference names -> our VirTex model's names. Raises on unknown or inconsistent keys."""
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     classifier = task in ("token_classification", "multilabel_classification")
     for key, value in state.items():
         if key.startswith("visual.cnn."):
-            inner = key[len("visual.cnn."):]
+            inner = key[len("visual.cnn.") :]
             if inner.startswith("fc."):
                 continue
             name = torchvision_to_d2_name(inner)
@@ -272,7 +290,7 @@ def rename_state_dict(state: Mapping[str, torch.Tensor], task: str
         if classifier:
             if direction != "textual" or rest not in ("output.weight", "output.bias"):
                 raise ReferenceImportError(f"unexpected key {key} for a {task} model")
-            out["classifier." + rest[len("output."):]] = value
+            out["classifier." + rest[len("output.") :]] = value
         elif direction == "backward_textual" and rest.startswith(_SHARED):
             forward = state.get("textual." + rest)
             if forward is None or not torch.equal(forward, value):
@@ -296,8 +314,11 @@ def load_reference_weights(model: torch.nn.Module, renamed: Mapping[str, torch.T
     expected = [k for k in own if k != tied_output]
     missing = [k for k in expected if k not in renamed]
     unexpected = [k for k in renamed if k not in own]
-    wrong = [f"{k}: checkpoint {tuple(renamed[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in renamed if k in own and renamed[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(renamed[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in renamed
+        if k in own and renamed[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         raise ReferenceImportError(
             "the checkpoint does not fit the model its config describes:"
@@ -308,13 +329,14 @@ def load_reference_weights(model: torch.nn.Module, renamed: Mapping[str, torch.T
     model.load_state_dict(renamed, strict=False)
 
 
-def read_reference_checkpoint(path: str) -> "OrderedDict[str, torch.Tensor]":
+def read_reference_checkpoint(path: str) -> OrderedDict[str, torch.Tensor]:
     """The model state dict of a reference checkpoint (weights only)."""
     return extract_state_dict(load_any_checkpoint(path))
 
 
-def reference_backbone_overrides(state: Mapping[str, torch.Tensor], feature_size: int | None
-                                 ) -> dict[str, Any]:
+def reference_backbone_overrides(
+    state: Mapping[str, torch.Tensor], feature_size: int | None
+) -> dict[str, Any]:
     """MODEL.RESNETS values of the checkpoint's CNN (depth and widths read from the tensors)."""
     result = convert_state_dict(state, "virtex")
     channels = result.d2_state[f"res5.0.conv{3 if result.block == 'bottleneck' else 2}.weight"]

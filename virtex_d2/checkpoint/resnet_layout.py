@@ -1,17 +1,18 @@
 """The shape of a Detectron2 ResNet read from its tensors (used by :mod:`.convert`): which
 blocks and stages a state dict holds, which tensors a complete backbone of that shape must have,
 and the ``MODEL.RESNETS`` values it needs."""
+
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Tuple
+from collections.abc import Mapping
 
 import torch
 
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
-def infer_structure(d2_state: Mapping[str, torch.Tensor]) -> Tuple[str, Tuple[int, ...]]:
+def infer_structure(d2_state: Mapping[str, torch.Tensor]) -> tuple[str, tuple[int, ...]]:
     """Block type and number of blocks per stage (highest block index + 1, so a gap inside a
     stage shows up as missing tensors rather than as a shallower network)."""
     blocks = {s: -1 for s in range(2, 6)}
@@ -26,7 +27,7 @@ def infer_structure(d2_state: Mapping[str, torch.Tensor]) -> Tuple[str, Tuple[in
     return ("bottleneck" if bottleneck else "basic"), counts
 
 
-def expected_names(d2_state: Mapping[str, torch.Tensor], block: str, counts) -> List[str]:
+def expected_names(d2_state: Mapping[str, torch.Tensor], block: str, counts) -> list[str]:
     """Every tensor name a complete backbone of this shape has (BN counters excluded)."""
     convs = ["stem.conv1"]
     n_convs = 3 if block == "bottleneck" else 2
@@ -55,7 +56,7 @@ def _needs_shortcut(d2_state: Mapping[str, torch.Tensor], stage: int, n_convs: i
     return first.shape[1] != last.shape[0]
 
 
-def shape_of(d2_state: Mapping[str, torch.Tensor], block: str) -> Dict[str, int]:
+def shape_of(d2_state: Mapping[str, torch.Tensor], block: str) -> dict[str, int]:
     stem_out = d2_state["stem.conv1.weight"].shape[0]
     if block == "basic":
         return dict(

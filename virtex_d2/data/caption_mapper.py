@@ -14,11 +14,13 @@ images):
 - ``token_bag`` (token classification): int64 ids of the distinct caption tokens,
 - ``labels`` (multilabel classification): int64 class indices present in the image.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,8 +71,13 @@ MLM_RULES = ("reference", "bert")
 
 
 def mask_tokens(
-    tokens: list[int], vocab_size: int, mask_prob: float, mask_token_prob: float,
-    replace_prob: float, rng: np.random.RandomState | None = None, rule: str = "reference",
+    tokens: list[int],
+    vocab_size: int,
+    mask_prob: float,
+    mask_token_prob: float,
+    replace_prob: float,
+    rng: np.random.RandomState | None = None,
+    rule: str = "reference",
 ) -> tuple[list[int], list[int]]:
     """Corrupt the caption body (never [SOS]/[EOS]) for masked language modelling.
 
@@ -137,8 +144,11 @@ class CaptionDatasetMapper:
         self.vocab_size = tokenizer.get_vocab_size()
         # Plain JPEGs skip Detectron2's augmentation machinery when the augmentations are the
         # pretraining ones: same random draws, same pixels, a third of the CPU time.
-        self.fast = (FastCropPipeline.from_augmentations(augmentations, jpeg_draft)
-                     if image_format == "RGB" else None)
+        self.fast = (
+            FastCropPipeline.from_augmentations(augmentations, jpeg_draft)
+            if image_format == "RGB"
+            else None
+        )
         logger.info(f"CaptionDatasetMapper ({'train' if is_train else 'test'}): {augmentations}")
 
     @classmethod
@@ -152,7 +162,9 @@ class CaptionDatasetMapper:
             "max_caption_length": m.MAX_CAPTION_LENGTH,
             "image_format": cfg.INPUT.FORMAT,
             "mlm_probabilities": (
-                m.MLM.MASK_PROBABILITY, m.MLM.MASK_TOKEN_PROBABILITY, m.MLM.REPLACE_PROBABILITY
+                m.MLM.MASK_PROBABILITY,
+                m.MLM.MASK_TOKEN_PROBABILITY,
+                m.MLM.REPLACE_PROBABILITY,
             ),
             "mlm_rule": m.MLM.RULE,
             "jpeg_draft": cfg.INPUT.VIRTEX.JPEG_DRAFT,
@@ -195,12 +207,11 @@ class CaptionDatasetMapper:
         tokens = self.tokenize(caption)
         d["caption_tokens"] = torch.tensor(tokens, dtype=torch.long)
         if self.task == "bicaptioning":
-            d["noitpac_tokens"] = torch.tensor(
-                [SOS_ID, *tokens[-2:0:-1], EOS_ID], dtype=torch.long
-            )
+            d["noitpac_tokens"] = torch.tensor([SOS_ID, *tokens[-2:0:-1], EOS_ID], dtype=torch.long)
         elif self.task == "masked_lm":
-            masked, labels = mask_tokens(tokens, self.vocab_size, *self.mlm_probabilities,
-                                         rule=self.mlm_rule)
+            masked, labels = mask_tokens(
+                tokens, self.vocab_size, *self.mlm_probabilities, rule=self.mlm_rule
+            )
             d["masked_tokens"] = torch.tensor(masked, dtype=torch.long)
             d["mlm_labels"] = torch.tensor(labels, dtype=torch.long)
         elif self.task == "token_classification":

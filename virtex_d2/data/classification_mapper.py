@@ -10,11 +10,13 @@ Training goes through the same resumable loader as pretraining and detection
 an unreadable image (``image_io.UnreadableImageError``) is skipped and counted under
 ``DATALOADER.VIRTEX_MAX_BAD_FRACTION``.
 """
+
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,7 +54,7 @@ __all__ = [
 _FORMATS = ("RGB", "BGR")
 
 
-def build_eval_augmentations(mode: str, resize: int, crop_size: int) -> List[T.Augmentation]:
+def build_eval_augmentations(mode: str, resize: int, crop_size: int) -> list[T.Augmentation]:
     """Deterministic evaluation transforms.
 
     Args:
@@ -68,12 +70,12 @@ def build_eval_augmentations(mode: str, resize: int, crop_size: int) -> List[T.A
     raise ValueError(f"unknown resize mode {mode!r}; expected 'shorter' or 'global'")
 
 
-def build_classification_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
+def build_classification_augmentations(cfg, is_train: bool) -> list[T.Augmentation]:
     """Training: random-resized crop + flip; evaluation: shorter-side resize + centre crop."""
     c = cfg.INPUT.CLASSIFICATION
     if not is_train:
         return build_eval_augmentations("shorter", c.TEST_RESIZE, c.TEST_CROP_SIZE)
-    augs: List[T.Augmentation] = [
+    augs: list[T.Augmentation] = [
         RandomResizedCrop(c.TRAIN_CROP_SIZE, c.TRAIN_CROP_SCALE, c.TRAIN_CROP_RATIO)
     ]
     if c.HFLIP_PROBABILITY > 0:
@@ -114,14 +116,14 @@ class ClassificationDatasetMapper:
         logger.info(f"ClassificationDatasetMapper ({mode}): {list(augmentations)}")
 
     @classmethod
-    def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
+    def from_config(cls, cfg, is_train: bool = True) -> dict[str, Any]:
         return {
             "is_train": is_train,
             "augmentations": build_classification_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
         }
 
-    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
         d = copy.deepcopy(dataset_dict)
         if self.require_label and not isinstance(d.get("label"), (int, np.integer)):
             raise KeyError(
@@ -145,7 +147,7 @@ class ClassificationDatasetMapper:
 
 
 def build_inference_loader(
-    records: List[Dict[str, Any]], mapper, batch_size: int, num_workers: int = 0
+    records: list[dict[str, Any]], mapper, batch_size: int, num_workers: int = 0
 ) -> torch.utils.data.DataLoader:
     """Ordered, batched loader over ``records``; in a distributed run each process gets a
     contiguous shard (Detectron2's ``InferenceSampler``), so every image is seen once."""
@@ -160,7 +162,7 @@ def build_inference_loader(
     )
 
 
-def check_classification_records(cfg, records: List[Dict[str, Any]]) -> None:
+def check_classification_records(cfg, records: list[dict[str, Any]]) -> None:
     """Refuse, before training starts, a dataset whose classes or labels do not fit
     ``MODEL.CLASSIFIER.NUM_CLASSES`` (a wrong label would otherwise fail inside the loss)."""
     num_classes = cfg.MODEL.CLASSIFIER.NUM_CLASSES
@@ -188,7 +190,7 @@ def build_classification_train_loader(cfg) -> ResumableTrainLoader:
 
 
 def build_classification_test_loader(
-    cfg, dataset_name: str, mapper: Optional[Callable[[dict], Any]] = None
+    cfg, dataset_name: str, mapper: Callable[[dict], Any] | None = None
 ) -> torch.utils.data.DataLoader:
     """Batched evaluation loader (``TEST.CLASSIFICATION.IMS_PER_BATCH`` images per process);
     Detectron2 v0.6's test loader is fixed to one image per batch."""

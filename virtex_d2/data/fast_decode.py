@@ -19,6 +19,7 @@ decompression-bomb pixel limit. Everything else (PNG, CMYK, rotated photos, brok
 ``image_io.load_image_rgb``, whose policies (EXIF orientation, transparency on white, 16-bit
 scaling, ``UnreadableImageError`` naming the file) then apply unchanged.
 """
+
 from __future__ import annotations
 
 import struct
@@ -37,8 +38,12 @@ _PLAIN_SOF = (0xC0, 0xC1, 0xC2)
 _OTHER_SOF = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 _EXIF = b"Exif\x00\x00"
 _XMP = b"http://ns.adobe.com/xap/1.0/"
-_REDUCED_FLAGS = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-                  8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+_REDUCED_FLAGS = {
+    1: 0,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
 DRAFT_SCALES = (8, 4, 2)
 
 
@@ -81,7 +86,7 @@ def probe_plain_jpeg(data: bytes) -> tuple[int, int] | None:
         length = (data[pos + 2] << 8) | data[pos + 3]
         if length < 2 or pos + 2 + length > n:
             return None
-        seg = view[pos + 4:pos + 2 + length]
+        seg = view[pos + 4 : pos + 2 + length]
         if marker in _PLAIN_SOF:
             if len(seg) < 6:
                 return None
@@ -97,7 +102,7 @@ def probe_plain_jpeg(data: bytes) -> tuple[int, int] | None:
             orientation = _exif_orientation(seg[6:])
             if orientation is None or 2 <= orientation <= 8:
                 return None
-        elif marker == 0xE1 and bytes(seg[:len(_XMP)]) == _XMP and b"Orientation" in seg:
+        elif marker == 0xE1 and bytes(seg[: len(_XMP)]) == _XMP and b"Orientation" in seg:
             return None  # Pillow also honours an XMP orientation
         elif marker == 0xEE and bytes(seg[:5]) == b"Adobe":
             return None
@@ -155,16 +160,22 @@ class FastCropPipeline:
     antialiased resize: the non-antialiased one is meant to alias as the reference's did).
     """
 
-    def __init__(self, crop: RandomResizedCrop, flip: T.RandomFlip | None = None,
-                 jitter: ColorJitter | None = None, draft: bool = True):
+    def __init__(
+        self,
+        crop: RandomResizedCrop,
+        flip: T.RandomFlip | None = None,
+        jitter: ColorJitter | None = None,
+        draft: bool = True,
+    ):
         self.crop, self.flip, self.jitter = crop, flip, jitter
         self.draft = draft and crop.antialias
         # The flip and jitter only read the shape of the image they are drawn for.
         self._cropped = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (crop.size, crop.size, 3))
 
     @classmethod
-    def from_augmentations(cls, augmentations: list[T.Augmentation],
-                           draft: bool = True) -> FastCropPipeline | None:
+    def from_augmentations(
+        cls, augmentations: list[T.Augmentation], draft: bool = True
+    ) -> FastCropPipeline | None:
         """The pipeline for ``[RandomResizedCrop, RandomFlip(horizontal)?, ColorJitter?]``,
         None for any other list (which then runs as Detectron2 augmentations)."""
         augs = list(augmentations)
@@ -192,8 +203,11 @@ class FastCropPipeline:
         image = decode_plain_jpeg(data, scale)
         if image is not None and scale > 1 and image.shape[:2] == (-(-h // scale), -(-w // scale)):
             x0, y0, cw, ch = box
-            image = _resize_box(image, (x0 / scale, y0 / scale, (x0 + cw) / scale,
-                                        (y0 + ch) / scale), self.crop.size)
+            image = _resize_box(
+                image,
+                (x0 / scale, y0 / scale, (x0 + cw) / scale, (y0 + ch) / scale),
+                self.crop.size,
+            )
         else:
             if image is None or image.shape[:2] != (h, w):
                 # OpenCV refused data that passed the header checks: Pillow decides, and
@@ -201,6 +215,7 @@ class FastCropPipeline:
                 image = load_image_rgb(path, data)
                 if image.shape[:2] != (h, w):
                     raise UnreadableImageError(
-                        path, f"decodes to {image.shape[1]}x{image.shape[0]}, header says {w}x{h}")
+                        path, f"decodes to {image.shape[1]}x{image.shape[0]}, header says {w}x{h}"
+                    )
             image = self.crop.crop_and_resize(image, box)
         return jitter.apply_image(flip.apply_image(image)), isinstance(flip, T.HFlipTransform)

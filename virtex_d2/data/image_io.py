@@ -17,6 +17,7 @@
 :func:`read_image_checked` is the same decoding in a Detectron2 ``INPUT.FORMAT`` (what the
 caption mapper reads training and shard images with).
 """
+
 from __future__ import annotations
 
 import glob

@@ -18,6 +18,7 @@ uninterrupted run. Here:
 - :class:`ResumableTrainLoader` builds the ``DataLoader`` lazily, when iteration starts, so the
   Trainer can set ``start_iter`` (and the seed stored in a checkpoint) after ``resume_or_load``.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -25,7 +26,8 @@ import contextlib
 import logging
 import random
 import traceback
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -117,8 +119,14 @@ class SampleStream:
 class ResumableBatchSampler:
     """Batches of global positions for one rank, starting at batch ``start_batch``."""
 
-    def __init__(self, stream: SampleStream, batch_size: int, rank: int, world_size: int,
-                 group_ids: np.ndarray | None = None):
+    def __init__(
+        self,
+        stream: SampleStream,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        group_ids: np.ndarray | None = None,
+    ):
         self.stream, self.batch_size = stream, batch_size
         self.rank, self.world_size = rank, world_size
         self.group_ids = group_ids
@@ -159,8 +167,13 @@ class ResumableBatchSampler:
 class _PositionDataset(torch.utils.data.Dataset):
     """Maps a global position to a sample with position-seeded randomness; replaces bad records."""
 
-    def __init__(self, records: DatasetFromList, mapper: Callable[[dict], Any],
-                 stream: SampleStream, seed: int):
+    def __init__(
+        self,
+        records: DatasetFromList,
+        mapper: Callable[[dict], Any],
+        stream: SampleStream,
+        seed: int,
+    ):
         self.records, self.mapper, self.stream, self.seed = records, mapper, stream, seed
 
     def __len__(self) -> int:
@@ -227,8 +240,9 @@ class ResumableTrainLoader:
 
     def __iter__(self) -> Iterator[list[dict]]:
         stream = SampleStream(len(self.records), self.seed, self.repeat_factors)
-        sampler = ResumableBatchSampler(stream, self.batch_size, comm.get_rank(),
-                                        comm.get_world_size(), self.group_ids)
+        sampler = ResumableBatchSampler(
+            stream, self.batch_size, comm.get_rank(), comm.get_world_size(), self.group_ids
+        )
         sampler.start_batch = self.start_iter
         loader = torch.utils.data.DataLoader(
             _PositionDataset(self.records, self.mapper, stream, self.seed),

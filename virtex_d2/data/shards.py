@@ -11,12 +11,14 @@ Shard assignment (:func:`assigned_shards`): in epoch ``e`` the shard list is per
 ``(seed, e)`` and slot ``s`` of ``S = world_size x streams`` takes every ``S``-th shard from
 position ``s``, so in every epoch each shard is read by exactly one stream of one rank.
 """
+
 from __future__ import annotations
 
 import glob
 import json
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +57,7 @@ def expand_shards(names: Sequence[str]) -> list[str]:
     """
     urls: list[str] = []
     for name in names:
-        pattern = name[len(PREFIX):] if is_webdataset_name(name) else name
+        pattern = name[len(PREFIX) :] if is_webdataset_name(name) else name
         found = _expand_one(pattern)
         if not found:
             raise BadDataError(
@@ -118,8 +120,10 @@ def sample_to_record(sample: dict[str, Any]) -> dict[str, Any]:
     name = f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}"
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is None:
-        raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in the sample; it has "
-                         f"{sorted(k for k in sample if not k.startswith('__'))}")
+        raise ValueError(
+            f"no image ({'/'.join(IMAGE_KEYS)}) in the sample; it has "
+            f"{sorted(k for k in sample if not k.startswith('__'))}"
+        )
     captions: list[Any] = []
     if "json" in sample:
         try:
@@ -134,8 +138,12 @@ def sample_to_record(sample: dict[str, Any]) -> dict[str, Any]:
     captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
         raise ValueError("missing or empty caption (json 'caption'/'captions' or txt)")
-    return {"file_name": name, "image_id": str(sample.get("__key__")), "image_bytes": image,
-            "captions": captions}
+    return {
+        "file_name": name,
+        "image_id": str(sample.get("__key__")),
+        "image_bytes": image,
+        "captions": captions,
+    }
 
 
 def sample_keys(samples: Iterable[dict]) -> list[str]:

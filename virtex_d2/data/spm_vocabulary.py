@@ -17,6 +17,7 @@ same ids, so an imported model's embedding rows keep their meaning:
 Only the ``sentencepiece`` package's model reader is used, at import time; captioning and
 training with the converted vocabulary need nothing but ``tokenizers``.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,8 +80,9 @@ def _merges(pieces: dict[str, tuple[int, float]]) -> list[tuple[str, str]]:
     return [(left, right) for *_, left, right in ranked]
 
 
-def import_sentencepiece_vocabulary(model_path: str | os.PathLike,
-                                    output: str | os.PathLike) -> CaptionTokenizer:
+def import_sentencepiece_vocabulary(
+    model_path: str | os.PathLike, output: str | os.PathLike
+) -> CaptionTokenizer:
     """Convert a SentencePiece BPE ``.model`` to our tokenizer json at ``output``.
 
     Raises:
@@ -110,8 +112,9 @@ def import_sentencepiece_vocabulary(model_path: str | os.PathLike,
         vocab[name] = pid
         if piece.type in (_NORMAL, _USER_DEFINED):
             scored[piece.piece] = (pid, piece.score)
-    bpe = models.BPE(vocab=vocab, merges=_merges(scored), unk_token=SPECIAL_TOKENS[0],
-                     fuse_unk=True)
+    bpe = models.BPE(
+        vocab=vocab, merges=_merges(scored), unk_token=SPECIAL_TOKENS[0], fuse_unk=True
+    )
     tok = Tokenizer(bpe)
     steps = [normalizers.Lowercase(), normalizers.NFKD(), normalizers.StripAccents()]
     if norm.name != "identity":

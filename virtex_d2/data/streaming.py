@@ -21,12 +21,14 @@ bad one; ``MAX_ATTEMPTS`` bad samples in a row stop the run. The dataset size is
 advance, so ``DATALOADER.VIRTEX_MAX_BAD_FRACTION`` applies to the samples read so far, once
 at least ``1 / fraction`` of them have been read (before that one bad sample would exceed it).
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import traceback
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable
 
 import torch
 from detectron2.data.build import trivial_batch_collator
@@ -74,8 +76,9 @@ class StreamBadSampleTracker(BadSampleTracker):
 class ShardStream:
     """The samples of one stream of one rank: raw webdataset samples with their positions."""
 
-    def __init__(self, urls: Sequence[str], seed: int, slot: int, num_slots: int,
-                 shuffle_buffer: int):
+    def __init__(
+        self, urls: Sequence[str], seed: int, slot: int, num_slots: int, shuffle_buffer: int
+    ):
         self.urls, self.seed = list(urls), int(seed)
         self.slot, self.num_slots = slot, num_slots
         self.shuffle_buffer = max(1, int(shuffle_buffer))
@@ -124,9 +127,20 @@ class ShardStream:
 class _StreamingDataset(torch.utils.data.IterableDataset):
     """Yields ``{"stream", "position", "read", "samples"}``: one batch of one stream."""
 
-    def __init__(self, urls: Sequence[str], mapper: Callable[[dict], Any], *, seed: int,
-                 rank: int, world_size: int, streams: int, batch_size: int,
-                 shuffle_buffer: int, positions: Sequence[Position], start_iter: int):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        mapper: Callable[[dict], Any],
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        streams: int,
+        batch_size: int,
+        shuffle_buffer: int,
+        positions: Sequence[Position],
+        start_iter: int,
+    ):
         self.urls, self.mapper, self.seed = list(urls), mapper, int(seed)
         self.rank, self.world_size, self.streams = rank, world_size, streams
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
@@ -138,8 +152,13 @@ class _StreamingDataset(torch.utils.data.IterableDataset):
             return self.mapper(sample_to_record(sample))
 
     def batches(self, stream: int) -> Iterator[dict]:
-        source = ShardStream(self.urls, self.seed, self.rank * self.streams + stream,
-                             self.world_size * self.streams, self.shuffle_buffer)
+        source = ShardStream(
+            self.urls,
+            self.seed,
+            self.rank * self.streams + stream,
+            self.world_size * self.streams,
+            self.shuffle_buffer,
+        )
         samples: list[dict] = []
         skipped: list[tuple[str, str]] = []
         read, failures, first_error = 0, 0, ""
@@ -161,8 +180,12 @@ class _StreamingDataset(torch.utils.data.IterableDataset):
                 failures += 1
                 if failures >= MAX_ATTEMPTS:
                     failed = {FAILED_KEY: skipped[-MAX_ATTEMPTS:], "traceback": first_error}
-                    yield {"stream": stream, "position": position, "read": read,
-                           "samples": [failed]}
+                    yield {
+                        "stream": stream,
+                        "position": position,
+                        "read": read,
+                        "samples": [failed],
+                    }
                     return
                 continue
             failures = 0
@@ -188,9 +211,19 @@ class StreamingTrainLoader:
     carry every rank's stream positions into rank 0's checkpoint.
     """
 
-    def __init__(self, urls: Sequence[str], mapper: Callable[[dict], Any], *, batch_size: int,
-                 num_workers: int, seed: int, max_bad_fraction: float, shuffle_buffer: int,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        mapper: Callable[[dict], Any],
+        *,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        max_bad_fraction: float,
+        shuffle_buffer: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         self.urls, self.mapper = list(urls), mapper
         self.batch_size, self.num_workers = batch_size, num_workers
         self.streams = max(1, num_workers)
@@ -214,8 +247,10 @@ class StreamingTrainLoader:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         ranks = state.get("ranks")
         if ranks is None:
-            raise ValueError("this checkpoint has no shard positions (it was not written by a "
-                             "run on webdataset shards); start without --resume")
+            raise ValueError(
+                "this checkpoint has no shard positions (it was not written by a "
+                "run on webdataset shards); start without --resume"
+            )
         positions = ranks[self.rank]["positions"] if len(ranks) == self.world_size else []
         if len(positions) != self.streams:
             raise ValueError(
@@ -230,13 +265,22 @@ class StreamingTrainLoader:
 
     def __iter__(self) -> Iterator[list[dict]]:
         dataset = _StreamingDataset(
-            self.urls, self.mapper, seed=self.seed, rank=self.rank, world_size=self.world_size,
-            streams=self.streams, batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
-            positions=self.positions, start_iter=self.start_iter,
+            self.urls,
+            self.mapper,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            streams=self.streams,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            positions=self.positions,
+            start_iter=self.start_iter,
         )
         loader = torch.utils.data.DataLoader(
             # The dataset yields whole batches; the collator passes them through untouched.
-            dataset, batch_size=None, num_workers=self.num_workers,
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
             collate_fn=trivial_batch_collator,
             # See ResumableTrainLoader: keep torch's global generator (dropout) untouched.
             generator=torch.Generator().manual_seed(self.seed),
@@ -261,8 +305,11 @@ def build_streaming_train_loader(cfg, mapper: Callable[[dict], Any]) -> Streamin
     batch_size, seed = per_process_batch_and_seed(cfg)
     logger.info("Streaming %d shard(s) of %s", len(urls), names)
     return StreamingTrainLoader(
-        urls, mapper, batch_size=batch_size,
-        num_workers=cfg.DATALOADER.NUM_WORKERS, seed=seed,
+        urls,
+        mapper,
+        batch_size=batch_size,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        seed=seed,
         max_bad_fraction=cfg.DATALOADER.VIRTEX_MAX_BAD_FRACTION,
         shuffle_buffer=cfg.DATALOADER.VIRTEX_SHUFFLE_BUFFER,
     )

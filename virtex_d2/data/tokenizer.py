@@ -5,13 +5,14 @@ Unigram training keeps splitting whole words into characters, BPE learns the wor
 
 Special ids follow the paper: [UNK] and padding share id 0, [SOS] 1, [EOS] 2, [MASK] 3.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -43,7 +44,7 @@ def _read_captions(captions_json: str | os.PathLike) -> Iterator[str]:
 
 def train_vocabulary(
     captions_jsons: Iterable[str | os.PathLike], vocab_size: int, output: str | os.PathLike
-) -> "CaptionTokenizer":
+) -> CaptionTokenizer:
     """Learn a lower-cased sub-word vocabulary of ``vocab_size`` units from COCO caption files.
 
     The file is written atomically (temporary file, then rename) so concurrent readers never
@@ -70,7 +71,9 @@ def train_vocabulary(
     if tok.get_vocab_size() < vocab_size:
         logger.warning(
             "the captions of %s allow only %d sub-words, fewer than the %d asked for",
-            captions_jsons, tok.get_vocab_size(), vocab_size,
+            captions_jsons,
+            tok.get_vocab_size(),
+            vocab_size,
         )
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
@@ -79,7 +82,9 @@ def train_vocabulary(
     atomic_write_text(output, tok.to_str())
     logger.info(
         "Wrote a %d-token vocabulary learned from %d captions to %s",
-        tok.get_vocab_size(), len(captions), output,
+        tok.get_vocab_size(),
+        len(captions),
+        output,
     )
     return CaptionTokenizer(output)
 

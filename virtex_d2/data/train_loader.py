@@ -5,10 +5,11 @@ Used by ``engine.Trainer`` for pretraining (caption mapper), detection fine-tuni
 everything that can be found out before the first iteration is checked here, in the main process,
 so that a broken annotation file stops the run with a message instead of a worker traceback.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.samplers import RepeatFactorTrainingSampler
@@ -91,7 +92,9 @@ def drop_unlabelled_for_multilabel(cfg, records: list[dict]) -> list[dict]:
     if len(kept) < len(records):
         logger.info(
             "multilabel_classification: dropped %d of %d training images that have no instance "
-            "annotation", len(records) - len(kept), len(records),
+            "annotation",
+            len(records) - len(kept),
+            len(records),
         )
     return kept
 
@@ -99,7 +102,7 @@ def drop_unlabelled_for_multilabel(cfg, records: list[dict]) -> list[dict]:
 def build_resumable_train_loader(
     cfg,
     mapper: Callable[[dict], Any],
-    check_records: Optional[Callable[[Any, list[dict]], None]] = None,
+    check_records: Callable[[Any, list[dict]], None] | None = None,
 ) -> ResumableTrainLoader:
     """The training loader of ``cfg`` with ``mapper``, after cleaning and checking the records.
 

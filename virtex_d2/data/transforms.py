@@ -3,12 +3,13 @@
 Detectron2 v0.6 has no random-resized crop, centre crop or colour jitter; each is defined once
 here. Images are HxWx3 uint8 numpy arrays (RGB) as produced by ``detection_utils.read_image``.
 """
+
 from __future__ import annotations
 
 import math
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -67,8 +68,9 @@ class LinearResizeTransform(T.Transform):
         return coords
 
     def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        return T.ResizeTransform(self.h, self.w, self.new_h, self.new_w,
-                                 Image.NEAREST).apply_segmentation(segmentation)
+        return T.ResizeTransform(
+            self.h, self.w, self.new_h, self.new_w, Image.NEAREST
+        ).apply_segmentation(segmentation)
 
 
 class AntialiasedResizeTransform(T.ResizeTransform):
@@ -113,8 +115,9 @@ class ResizeShorterSide(T.Augmentation):
     def get_transform(self, image: np.ndarray) -> T.Transform:
         h, w = image.shape[:2]
         scale = self.size / min(h, w)
-        new_h, new_w = (self.size, int(w * scale + 0.5)) if h < w else (int(h * scale + 0.5),
-                                                                          self.size)
+        new_h, new_w = (
+            (self.size, int(w * scale + 0.5)) if h < w else (int(h * scale + 0.5), self.size)
+        )
         return resize_transform(h, w, new_h, new_w, self.antialias)
 
 
@@ -174,7 +177,7 @@ class RandomResizedCrop(T.Augmentation):
     def crop_and_resize(self, image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
         """``box_transform(box).apply_image(image)`` without building the transforms."""
         x0, y0, cw, ch = box
-        return self._resize(ch, cw).apply_image(image[y0:y0 + ch, x0:x0 + cw])
+        return self._resize(ch, cw).apply_image(image[y0 : y0 + ch, x0 : x0 + cw])
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
         return self.box_transform(self.sample_box(*image.shape[:2]))
@@ -216,8 +219,14 @@ class ColorJitterTransform(T.Transform):
     by at most about 10; this one costs an eighth of Pillow's.
     """
 
-    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float,
-                 order: Sequence[int]):
+    def __init__(
+        self,
+        brightness: float,
+        contrast: float,
+        saturation: float,
+        hue: float,
+        order: Sequence[int],
+    ):
         super().__init__()
         self._set_attributes(locals())
 
@@ -254,8 +263,14 @@ class ColorJitterTransform(T.Transform):
 class ColorJitter(T.Augmentation):
     """With probability ``prob``, jitter colours like torchvision's ``ColorJitter``."""
 
-    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
-                 hue: float = 0.1, prob: float = 0.8):
+    def __init__(
+        self,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.4,
+        hue: float = 0.1,
+        prob: float = 0.8,
+    ):
         super().__init__()
         if not 0.0 <= hue <= 0.5:
             raise ValueError(f"hue jitter must be in [0, 0.5], got {hue}")

@@ -14,13 +14,15 @@ Policy (see README "Failure behaviour"):
   are dropped (and, for Mask R-CNN, annotations left without a mask); every kind of change is
   counted and logged.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from detectron2.structures import BoxMode
 
@@ -97,7 +99,9 @@ def check_image_files(
     if bad:
         logger.warning(
             "%d of %d training image files are missing or empty and are skipped:\n%s",
-            len(bad), size, _examples(bad),
+            len(bad),
+            size,
+            _examples(bad),
         )
         if len(bad) > max_bad_records(size, max_fraction):
             raise BadDataError(_too_many_message(bad, size, max_fraction))
@@ -134,7 +138,8 @@ class BadSampleTracker:
                     f"{len(attempts)} records in a row failed to load, so this is not a few bad "
                     "files but a problem with the data or the mapper. The errors were:\n"
                     + _examples(dict(attempts), limit=len(attempts))
-                    + "\nThe first traceback:\n" + d.get("traceback", "(none)")
+                    + "\nThe first traceback:\n"
+                    + d.get("traceback", "(none)")
                 )
             for name, reason in d.pop(SKIPPED_KEY, ()):
                 self.replacements += 1
@@ -142,7 +147,11 @@ class BadSampleTracker:
                     self.bad[name] = reason
                     logger.warning(
                         "Skipped training record %s: %s (%d distinct bad record(s) so far, at "
-                        "most %d allowed)", name, reason, len(self.bad), self.limit,
+                        "most %d allowed)",
+                        name,
+                        reason,
+                        len(self.bad),
+                        self.limit,
                     )
         if len(self.bad) > self.limit:
             raise BadDataError(_too_many_message(self.bad, self.dataset_size, self.max_fraction))
@@ -160,8 +169,11 @@ def _finite(values: Iterable[Any]) -> bool:
 def _clean_polygons(segm: list, width: float, height: float, counts: Counter) -> list:
     polygons = []
     for poly in segm:
-        if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2 or not _finite(
-            poly
+        if (
+            not isinstance(poly, (list, tuple))
+            or len(poly) < 6
+            or len(poly) % 2
+            or not _finite(poly)
         ):
             counts["polygons dropped (fewer than 3 points, odd length or non-numeric)"] += 1
             continue
@@ -174,8 +186,9 @@ def _clean_polygons(segm: list, width: float, height: float, counts: Counter) ->
     return polygons
 
 
-def _clean_annotation(ann: dict, width: float, height: float, require_mask: bool,
-                      counts: Counter) -> dict | None:
+def _clean_annotation(
+    ann: dict, width: float, height: float, require_mask: bool, counts: Counter
+) -> dict | None:
     """The cleaned annotation, or None to drop it."""
     box = ann.get("bbox")
     if box is None or len(box) != 4 or not _finite(box):

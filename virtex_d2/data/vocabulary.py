@@ -1,4 +1,5 @@
 """Finds (and for the synthetic data, builds) the tokenizer a config points at."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Set-up of the training loaders' data-loader workers."""
+
 from __future__ import annotations
 
 import ctypes

@@ -8,11 +8,11 @@ log. bf16 has fp32's exponent range, so no loss scaling is needed. Without nativ
 oneDNN emulates bf16 with fp32 arithmetic plus conversions, which is slower than plain fp32, so
 that is not done unless ``SOLVER.AMP.CPU_DTYPE`` asks for it.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Tuple
 
 import torch
 from detectron2.engine import SimpleTrainer
@@ -26,7 +26,7 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 logger = logging.getLogger(__name__)
 
 
-def _cpu_flags(cpuinfo: Optional[str]) -> set:
+def _cpu_flags(cpuinfo: str | None) -> set:
     """The flags of the first processor in ``/proc/cpuinfo``-formatted text."""
     if cpuinfo is None:
         try:
@@ -41,7 +41,7 @@ def _cpu_flags(cpuinfo: Optional[str]) -> set:
     return set()
 
 
-def cpu_bf16_support(cpuinfo: Optional[str] = None) -> Tuple[bool, str]:
+def cpu_bf16_support(cpuinfo: str | None = None) -> tuple[bool, str]:
     """Whether this CPU does bf16 arithmetic natively, and why we think so.
 
     Args:
@@ -56,15 +56,19 @@ def cpu_bf16_support(cpuinfo: Optional[str] = None) -> Tuple[bool, str]:
     if found:
         return True, f"the CPU has {', '.join(found)} (torch CPU capability {capability})"
     if not flags:
-        return False, (f"CPU flags unknown (no /proc/cpuinfo), torch CPU capability "
-                       f"{capability}: native bf16 not assumed")
-    return False, (f"the CPU has none of {', '.join(_BF16_FLAGS)} (torch CPU capability "
-                   f"{capability}), so bf16 would be emulated and slower than fp32")
+        return False, (
+            f"CPU flags unknown (no /proc/cpuinfo), torch CPU capability "
+            f"{capability}: native bf16 not assumed"
+        )
+    return False, (
+        f"the CPU has none of {', '.join(_BF16_FLAGS)} (torch CPU capability "
+        f"{capability}), so bf16 would be emulated and slower than fp32"
+    )
 
 
 def resolve_cpu_amp_dtype(
-    setting: str = "auto", cpuinfo: Optional[str] = None, log: Optional[logging.Logger] = None
-) -> Optional[torch.dtype]:
+    setting: str = "auto", cpuinfo: str | None = None, log: logging.Logger | None = None
+) -> torch.dtype | None:
     """The autocast dtype for CPU training with ``SOLVER.AMP.ENABLED``, logged either way.
 
     Args:
@@ -78,24 +82,28 @@ def resolve_cpu_amp_dtype(
     """
     log = log or logger
     if setting not in CPU_DTYPE_CHOICES:
-        raise ValueError(f"SOLVER.AMP.CPU_DTYPE must be one of {CPU_DTYPE_CHOICES}, "
-                         f"got {setting!r}")
+        raise ValueError(
+            f"SOLVER.AMP.CPU_DTYPE must be one of {CPU_DTYPE_CHOICES}, got {setting!r}"
+        )
     supported, why = cpu_bf16_support(cpuinfo)
     if setting == "float32":
         log.info("SOLVER.AMP.ENABLED on CPU with SOLVER.AMP.CPU_DTYPE float32: training in fp32")
         return None
     if setting == "bfloat16":
         if not supported:
-            log.warning(f"CPU mixed precision: bf16 autocast forced by SOLVER.AMP.CPU_DTYPE, "
-                        f"but {why}")
+            log.warning(
+                f"CPU mixed precision: bf16 autocast forced by SOLVER.AMP.CPU_DTYPE, but {why}"
+            )
         else:
             log.info(f"CPU mixed precision: bf16 autocast ({why})")
         return torch.bfloat16
     if supported:
         log.info(f"CPU mixed precision: bf16 autocast ({why})")
         return torch.bfloat16
-    log.warning(f"SOLVER.AMP.ENABLED, but no CPU mixed precision: {why}. Training in fp32 "
-                "(SOLVER.AMP.CPU_DTYPE bfloat16 forces emulated bf16).")
+    log.warning(
+        f"SOLVER.AMP.ENABLED, but no CPU mixed precision: {why}. Training in fp32 "
+        "(SOLVER.AMP.CPU_DTYPE bfloat16 forces emulated bf16)."
+    )
     return None
 
 
@@ -107,8 +115,9 @@ class CPUAMPTrainer(SimpleTrainer):
     no master copy or loss scaling is needed for bf16.
     """
 
-    def __init__(self, model, data_loader, optimizer, dtype: torch.dtype = torch.bfloat16,
-                 **kwargs):
+    def __init__(
+        self, model, data_loader, optimizer, dtype: torch.dtype = torch.bfloat16, **kwargs
+    ):
         super().__init__(model, data_loader, optimizer, **kwargs)
         self.dtype = dtype
 

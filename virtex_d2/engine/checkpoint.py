@@ -16,13 +16,15 @@
   another shape. Here parameters that must be loaded (``MODEL.WEIGHTS_REQUIRED``; everything when
   resuming) raise :class:`WeightsMismatchError` naming the keys, before the first iteration.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import pickle
-from typing import IO, Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import IO, Any, Callable
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -63,7 +65,9 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     io.atomic_write(
-        path, write, error=CheckpointWriteError,
+        path,
+        write,
+        error=CheckpointWriteError,
         advice=f"The previous checkpoint and {LAST_CHECKPOINT} are intact. Free space in "
         f"{directory} or point OUTPUT_DIR elsewhere, then continue with --resume",
     )
@@ -72,7 +76,8 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
 def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
     """Names of floating-point tensors in ``state`` with a NaN or infinite value."""
     return [
-        k for k, v in state.items()
+        k
+        for k, v in state.items()
         if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
     ]
 
@@ -106,9 +111,16 @@ def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:
 class VirtexCheckpointer(DetectionCheckpointer):
     """See the module docstring. ``weights_required`` is "all", "resnet" or "none"."""
 
-    def __init__(self, model: nn.Module, save_dir: str = "", *, allow_pickle: bool = False,
-                 weights_required: str = "all", save_to_disk: bool | None = None,
-                 **checkpointables: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        save_dir: str = "",
+        *,
+        allow_pickle: bool = False,
+        weights_required: str = "all",
+        save_to_disk: bool | None = None,
+        **checkpointables: Any,
+    ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.allow_pickle = allow_pickle
         required_keys(self.model, weights_required)  # validates the mode early
@@ -130,8 +142,9 @@ class VirtexCheckpointer(DetectionCheckpointer):
             )
         if "://" in self.save_dir:
             # Remote storage (an iopath handler): no same-directory rename to rely on.
-            self.logger.warning(f"{self.save_dir} is not a local path: writing without atomic "
-                                "replace")
+            self.logger.warning(
+                f"{self.save_dir} is not a local path: writing without atomic replace"
+            )
             return super().save(name, **kwargs)
         os.makedirs(self.save_dir, exist_ok=True)
         for key, obj in self.checkpointables.items():
@@ -188,8 +201,11 @@ class VirtexCheckpointer(DetectionCheckpointer):
                 "MODEL.ALLOW_PICKLE_WEIGHTS True only if you trust its source."
             ) from e
         if filename.endswith(".pyth"):  # pycls, as in Detectron2's DetectionCheckpointer
-            state = {k: v for k, v in loaded["model_state"].items()
-                     if not k.endswith("num_batches_tracked")}
+            state = {
+                k: v
+                for k, v in loaded["model_state"].items()
+                if not k.endswith("num_batches_tracked")
+            }
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         if not isinstance(loaded, dict):
             raise WeightsMismatchError(f"{filename} holds a {type(loaded).__name__}, not a dict")
@@ -209,12 +225,17 @@ class VirtexCheckpointer(DetectionCheckpointer):
         if source not in ("torchvision", "virtex"):
             return checkpoint
         result = convert_state_dict(extract_state_dict(checkpoint), source)
-        self.logger.info(f"{filename}: a {source} checkpoint; its ResNet-{result.depth} is "
-                         "loaded under Detectron2's names")
+        self.logger.info(
+            f"{filename}: a {source} checkpoint; its ResNet-{result.depth} is "
+            "loaded under Detectron2's names"
+        )
         self._loading = f"{filename} ({source} layout: only its ResNet is read; a whole "
         self._loading += "reference model is imported with tools/import_reference.py)"
-        return {"model": dict(result.d2_state), "__author__": f"virtex_d2 <- {source}",
-                "matching_heuristics": True}
+        return {
+            "model": dict(result.d2_state),
+            "__author__": f"virtex_d2 <- {source}",
+            "matching_heuristics": True,
+        }
 
     def _load_model(self, checkpoint: Any) -> Any:
         incompatible = super()._load_model(checkpoint)
@@ -223,12 +244,15 @@ class VirtexCheckpointer(DetectionCheckpointer):
             return incompatible
         problems = {k: "missing from the checkpoint" for k in incompatible.missing_keys}
         for k, shape_ckpt, shape_model in incompatible.incorrect_shapes:
-            problems[k] = (f"shape {tuple(shape_ckpt)} in the checkpoint, "
-                           f"{tuple(shape_model)} in the model")
+            problems[k] = (
+                f"shape {tuple(shape_ckpt)} in the checkpoint, {tuple(shape_model)} in the model"
+            )
         aliases = _tied_aliases(self.model)
         problems = {
-            k: why for k, why in problems.items()
-            if k in required and not k.endswith("num_batches_tracked")
+            k: why
+            for k, why in problems.items()
+            if k in required
+            and not k.endswith("num_batches_tracked")
             and not any(a not in problems for a in aliases.get(k, ()))  # loaded through a twin
         }
         if problems:
@@ -250,12 +274,16 @@ class VirtexCheckpointer(DetectionCheckpointer):
         tops = sorted({k.split(".")[0] + "." for k in unexpected})
         extra = (
             f"\nThe checkpoint also has {len(unexpected)} key(s) this model does not have, under "
-            f"{', '.join(tops)}" if unexpected else ""
+            f"{', '.join(tops)}"
+            if unexpected
+            else ""
         )
         return (
             f"{self._loading} does not fit this model: {len(problems)} parameter(s) that must be "
             f"loaded (MODEL.WEIGHTS_REQUIRED = {self.weights_required!r}) were not:\n"
-            + "\n".join(lines) + extra + "\nIs it a checkpoint of another architecture or size? "
+            + "\n".join(lines)
+            + extra
+            + "\nIs it a checkpoint of another architecture or size? "
             "Pretraining checkpoints must be converted for detection (tools/convert_to_d2.py); "
             "set MODEL.WEIGHTS_REQUIRED 'none' to accept a partial load on purpose."
         )
@@ -269,11 +297,13 @@ def weights_required_mode(cfg, eval_only: bool = False) -> str:
     return "all" if eval_only or cfg.MODEL.META_ARCHITECTURE == "VirTex" else "resnet"
 
 
-def build_checkpointer(cfg, model: nn.Module, save_dir: str = "", *, eval_only: bool = False,
-                       **checkpointables: Any) -> VirtexCheckpointer:
+def build_checkpointer(
+    cfg, model: nn.Module, save_dir: str = "", *, eval_only: bool = False, **checkpointables: Any
+) -> VirtexCheckpointer:
     """A :class:`VirtexCheckpointer` configured by ``cfg``."""
     return VirtexCheckpointer(
-        model, save_dir,
+        model,
+        save_dir,
         allow_pickle=cfg.MODEL.ALLOW_PICKLE_WEIGHTS,
         weights_required=weights_required_mode(cfg, eval_only),
         **checkpointables,

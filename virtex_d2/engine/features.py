@@ -19,13 +19,14 @@ checkpoint of any model of this project with the ResNet under ``backbone.`` (a V
 run, a fine-tuned ImageClassifier), "virtex" a reference-code checkpoint, "torchvision" a
 torchvision ResNet.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -74,9 +75,7 @@ def load_backbone_weights(model: ImageClassifier, weights: str, source: str = "a
     else:
         result = convert_checkpoint(weights, source)
     hint = " ".join(f"{k} {v}" for k, v in result.config_overrides().items())
-    expected = {
-        k for k in model.backbone.state_dict() if not k.endswith("num_batches_tracked")
-    }
+    expected = {k for k in model.backbone.state_dict() if not k.endswith("num_batches_tracked")}
     missing = sorted(expected - set(result.d2_state))
     unexpected = sorted(set(result.d2_state) - expected)
     if missing or unexpected:
@@ -94,7 +93,7 @@ def load_backbone_weights(model: ImageClassifier, weights: str, source: str = "a
 
 
 # -------------------------------------------------------------------------------- fingerprints
-def checkpoint_fingerprint(weights: str, source: str, seed: int) -> Dict[str, Any]:
+def checkpoint_fingerprint(weights: str, source: str, seed: int) -> dict[str, Any]:
     """Identity of the weights: file path, size and mtime, or the seed of a random init."""
     if not weights:
         return {"init": "random", "seed": int(seed)}
@@ -107,7 +106,7 @@ def checkpoint_fingerprint(weights: str, source: str, seed: int) -> Dict[str, An
     }
 
 
-def extractor_fingerprint(cfg) -> Dict[str, Any]:
+def extractor_fingerprint(cfg) -> dict[str, Any]:
     """Every config value that changes the pooled features for given weights and images."""
     s = cfg.TEST.VOC07_SVM
     return {
@@ -123,7 +122,7 @@ def extractor_fingerprint(cfg) -> Dict[str, Any]:
     }
 
 
-def dataset_fingerprint(dataset_name: str, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+def dataset_fingerprint(dataset_name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     h = hashlib.sha1()
     for r in records:
         h.update(f"{r['image_id']}\t{r['file_name']}\n".encode())
@@ -139,15 +138,15 @@ class FeatureCache:
         self.cache_dir = cache_dir
 
     @staticmethod
-    def key(meta: Dict[str, Any]) -> str:
+    def key(meta: dict[str, Any]) -> str:
         blob = json.dumps({"version": _CACHE_VERSION, **meta}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
-    def path(self, dataset_name: str, meta: Dict[str, Any]) -> str:
+    def path(self, dataset_name: str, meta: dict[str, Any]) -> str:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset_name)
         return os.path.join(self.cache_dir, f"{safe}-{self.key(meta)}.npz")
 
-    def load(self, dataset_name: str, meta: Dict[str, Any]) -> Optional[np.ndarray]:
+    def load(self, dataset_name: str, meta: dict[str, Any]) -> np.ndarray | None:
         path = self.path(dataset_name, meta)
         if not os.path.isfile(path):
             return None
@@ -159,15 +158,18 @@ class FeatureCache:
             return f["features"]
 
     def save(
-        self, dataset_name: str, meta: Dict[str, Any], features: np.ndarray, image_ids: List[Any]
+        self, dataset_name: str, meta: dict[str, Any], features: np.ndarray, image_ids: list[Any]
     ) -> str:
         path = self.path(dataset_name, meta)
-        atomic_write(path, lambda f: np.savez(  # readers never see half a file
-            f,
-            features=features.astype(np.float32),
-            image_ids=np.array([str(i) for i in image_ids]),
-            meta=np.array(json.dumps(meta, default=str)),
-        ))
+        atomic_write(
+            path,
+            lambda f: np.savez(  # readers never see half a file
+                f,
+                features=features.astype(np.float32),
+                image_ids=np.array([str(i) for i in image_ids]),
+                meta=np.array(json.dumps(meta, default=str)),
+            ),
+        )
         return path
 
 
@@ -192,12 +194,12 @@ def extract_features(
 def get_features(
     cfg,
     dataset_name: str,
-    records: List[Dict[str, Any]],
+    records: list[dict[str, Any]],
     model_factory: Callable[[], ImageClassifier],
-    weights_meta: Dict[str, Any],
-    cache_dir: Optional[str],
+    weights_meta: dict[str, Any],
+    cache_dir: str | None,
     num_workers: int = 0,
-) -> Tuple[np.ndarray, bool]:
+) -> tuple[np.ndarray, bool]:
     """Features (N, C) of ``records`` from the cache, else extracted (and cached).
 
     Args:

@@ -10,12 +10,14 @@
   non-finite loss, before the optimizer step, naming the iteration and every loss term of
   every rank.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import weakref
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -51,18 +53,22 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state((
-        "MT19937",
-        state["numpy_keys"].numpy().astype(np.uint32),
-        state["numpy_pos"],
-        state["numpy_has_gauss"],
-        state["numpy_cached_gaussian"],
-    ))
-    random.setstate((
-        state["python_version"],
-        tuple(int(w) for w in state["python_words"].tolist()),
-        state["python_gauss_next"],
-    ))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_cached_gaussian"],
+        )
+    )
+    random.setstate(
+        (
+            state["python_version"],
+            tuple(int(w) for w in state["python_words"].tolist()),
+            state["python_gauss_next"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -99,7 +105,8 @@ class RNGStateHook(HookBase):
                 "The checkpoint holds the random state of %d process(es) but this run has %d; "
                 "random streams restart, so the resumed run will not match an uninterrupted one "
                 "exactly (weights, optimizer and data order are restored).",
-                len(states), comm.get_world_size(),
+                len(states),
+                comm.get_world_size(),
             )
             return
         self.states = states

@@ -12,6 +12,7 @@ others on this machine (SIGTERM, then SIGKILL after 30 s), and :func:`launch` ra
 whose parent died, are bounded by ``timeout``: a collective that waits longer for a dead peer
 fails (gloo; NCCL with its default async error handling), and the process exits non-zero.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,11 +52,21 @@ def _setup_local_group(num_per_machine: int) -> None:
             comm._LOCAL_PROCESS_GROUP = group  # the only handle v0.6 offers
 
 
-def _worker(local_rank, main_func, world_size, num_per_machine, machine_rank, backend,
-            dist_url, args, timeout):
+def _worker(
+    local_rank,
+    main_func,
+    world_size,
+    num_per_machine,
+    machine_rank,
+    backend,
+    dist_url,
+    args,
+    timeout,
+):
     rank = machine_rank * num_per_machine + local_rank
-    dist.init_process_group(backend, init_method=dist_url, world_size=world_size, rank=rank,
-                            timeout=timeout)
+    dist.init_process_group(
+        backend, init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout
+    )
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     _setup_local_group(num_per_machine)
@@ -127,8 +138,15 @@ def launch(
     world_size = num_machines * num_gpus_per_machine
     if use_cuda:
         try:
-            d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank,
-                      dist_url=dist_url or "auto", args=args, timeout=timeout)
+            d2_launch(
+                main_func,
+                num_gpus_per_machine,
+                num_machines,
+                machine_rank,
+                dist_url=dist_url or "auto",
+                args=args,
+                timeout=timeout,
+            )
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             raise _failed(e, machine_rank, num_gpus_per_machine) from e
         return
@@ -144,8 +162,16 @@ def launch(
         mp.start_processes(
             _worker,
             nprocs=num_gpus_per_machine,
-            args=(main_func, world_size, num_gpus_per_machine, machine_rank, "gloo", dist_url,
-                  args, timeout),
+            args=(
+                main_func,
+                world_size,
+                num_gpus_per_machine,
+                machine_rank,
+                "gloo",
+                dist_url,
+                args,
+                timeout,
+            ),
             daemon=False,
             start_method="spawn",
         )

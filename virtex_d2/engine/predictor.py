@@ -15,13 +15,15 @@ Attention (:meth:`CaptionPredictor.attention`): per-token maps as in
 :mod:`virtex_d2.modeling.attention`; a word made of several sub-word tokens gets the mean of
 its tokens' maps.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -73,7 +75,7 @@ class CaptionAttention:
     word_maps: torch.Tensor
 
 
-def _check_decoder(decoder: Optional[str]) -> None:
+def _check_decoder(decoder: str | None) -> None:
     if decoder is not None and decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS} or None, got {decoder!r}")
 
@@ -91,7 +93,7 @@ class CaptionPredictor:
     sampling the sampled captions depend on how images are batched.
     """
 
-    def __init__(self, cfg: CfgNode, weights: Optional[str] = None):
+    def __init__(self, cfg: CfgNode, weights: str | None = None):
         task = cfg.MODEL.VIRTEX.TASK
         if task not in CAPTIONING_TASKS:
             raise ValueError(
@@ -126,33 +128,33 @@ class CaptionPredictor:
         return image if isinstance(image, torch.Tensor) else self.prepare(image)
 
     @torch.no_grad()
-    def caption_tokens(self, images: Sequence[ImageInput], decoder: Optional[str] = None
-                       ) -> list[list[int]]:
+    def caption_tokens(
+        self, images: Sequence[ImageInput], decoder: str | None = None
+    ) -> list[list[int]]:
         """Token ids (no [SOS]/[EOS]) of each image, in one forward pass."""
         _check_decoder(decoder)
         features = self.model.visual_features([{"image": self._input(im)} for im in images])
         return self.model.generate(features, decoder=decoder)
 
-    def caption_batch(self, images: Sequence[ImageInput], decoder: Optional[str] = None
-                      ) -> list[dict]:
+    def caption_batch(self, images: Sequence[ImageInput], decoder: str | None = None) -> list[dict]:
         """``{"caption", "tokens"}`` of each image (RGB arrays or prepared inputs)."""
         return [
             {"caption": self.tokenizer.decode(ids), "tokens": ids}
             for ids in self.caption_tokens(images, decoder)
         ]
 
-    def __call__(self, image: np.ndarray, decoder: Optional[str] = None) -> dict:
+    def __call__(self, image: np.ndarray, decoder: str | None = None) -> dict:
         """``{"caption", "tokens"}`` of one (H, W, 3) uint8 RGB image."""
         return self.caption_batch([image], decoder)[0]
 
     def _prepared_batches(
         self, files: Sequence[str], batch_size: int, num_workers: int
-    ) -> Iterator[list[tuple[str, Union[torch.Tensor, UnreadableImageError]]]]:
+    ) -> Iterator[list[tuple[str, torch.Tensor | UnreadableImageError]]]:
         """Batches of (path, model input or the load error). With ``num_workers`` > 0 the next
         batch is decoded in threads while the caller runs the model (Pillow releases the GIL
         while decoding); at most two batches are held in memory."""
 
-        def prepare(path: str) -> Union[torch.Tensor, UnreadableImageError]:
+        def prepare(path: str) -> torch.Tensor | UnreadableImageError:
             try:
                 image = load_image_rgb(path)
             except UnreadableImageError as e:
@@ -179,7 +181,7 @@ class CaptionPredictor:
         num_workers: int = 4,
         progress: bool = True,
         *,
-        decoder: Optional[str] = None,
+        decoder: str | None = None,
     ) -> CaptionResults:
         """Caption ``files`` in order, ``batch_size`` images per forward pass; unreadable files
         are logged (one warning each, with the reason) and listed in ``skipped``."""
@@ -207,9 +209,9 @@ class CaptionPredictor:
     def attention(
         self,
         image: ImageInput,
-        tokens: Optional[Sequence[int]] = None,
-        decoder: Optional[str] = None,
-        layer: Optional[int] = None,
+        tokens: Sequence[int] | None = None,
+        decoder: str | None = None,
+        layer: int | None = None,
     ) -> CaptionAttention:
         """Caption one image (or use the given ``tokens``) and return where the forward
         textual head, the one that generates captions, looked for each token and word."""

@@ -13,12 +13,13 @@ The translation of config keys and weight names lives in :mod:`virtex_d2.checkpo
 this module adds what needs the model: building it from the translated config and loading the
 weights strictly, so a checkpoint that does not fit its config stops here with the keys named.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -70,7 +71,7 @@ class ImportResult:
 
     config: str
     weights: str
-    vocabulary: Optional[str]
+    vocabulary: str | None
     task: str
     notes: list[str]
 
@@ -90,7 +91,7 @@ def _set(cfg: CfgNode, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _vocab_from_config(config: str) -> Optional[str]:
+def _vocab_from_config(config: str) -> str | None:
     """The config's ``DATA.TOKENIZER_MODEL``, as given or relative to the config's folder."""
     name = read_reference_config(config).get("DATA", {}).get("TOKENIZER_MODEL")
     if not name:
@@ -101,8 +102,9 @@ def _vocab_from_config(config: str) -> Optional[str]:
     return None
 
 
-def import_reference(checkpoint: str, config: str, vocab: Optional[str], output: str,
-                     device: str = "cpu") -> ImportResult:
+def import_reference(
+    checkpoint: str, config: str, vocab: str | None, output: str, device: str = "cpu"
+) -> ImportResult:
     """Import a reference checkpoint; see the module docstring. ``vocab`` (the SentencePiece
     ``.model``) is needed for the tasks with a textual head; by default the config's
     ``DATA.TOKENIZER_MODEL``, as given or next to the config.
@@ -115,12 +117,16 @@ def import_reference(checkpoint: str, config: str, vocab: Optional[str], output:
     values = translation.values
     task = values["MODEL.VIRTEX.TASK"]
     state = read_reference_checkpoint(checkpoint)
-    feature_size = read_reference_config(config).get("MODEL", {}).get("VISUAL", {}).get(
-        "FEATURE_SIZE")
+    feature_size = (
+        read_reference_config(config).get("MODEL", {}).get("VISUAL", {}).get("FEATURE_SIZE")
+    )
     cfg = get_cfg()
     add_virtex_config(cfg)
-    for key, value in {**_BASE, **values,
-                       **reference_backbone_overrides(state, feature_size)}.items():
+    for key, value in {
+        **_BASE,
+        **values,
+        **reference_backbone_overrides(state, feature_size),
+    }.items():
         _set(cfg, key, value)
     cfg.MODEL.DEVICE = device
     output = ensure_dir(os.path.abspath(output))
@@ -147,8 +153,11 @@ def import_reference(checkpoint: str, config: str, vocab: Optional[str], output:
     model = build_model(cfg)
     load_reference_weights(model, renamed)
     weights_path = os.path.join(output, "model_final.pth")
-    payload = {"model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-               "__author__": "virtex_d2 import_reference", "iteration": 0}
+    payload = {
+        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "__author__": "virtex_d2 import_reference",
+        "iteration": 0,
+    }
     atomic_write(weights_path, lambda f: torch.save(payload, f))
     cfg.MODEL.WEIGHTS = weights_path
     config_path = os.path.join(output, "config.yaml")

@@ -2,6 +2,7 @@
 (``tools/caption_images.py``, ``tools/visualize_attention.py``, ``tools/check_grounding.py``),
 in the engine layer like Detectron2's ``default_argument_parser``: the tools are loaded by path,
 so a module beside them would not be importable."""
+
 from __future__ import annotations
 
 import argparse

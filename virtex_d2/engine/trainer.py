@@ -17,12 +17,14 @@ TensorBoard writers, ``test``) with the choices that depend on the config:
   checkpointer that refuses pickle and partial loads (``engine.checkpoint``); random state in
   checkpoints and a non-finite loss guard (``engine.hooks``).
 """
+
 from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable
 
 import torch
 from detectron2.config import CfgNode
@@ -78,13 +80,13 @@ class TaskSpec:
     test_mapper: Callable[[CfgNode, bool], Mapper]
     optimizer: Callable[[CfgNode, nn.Module], torch.optim.Optimizer]
     test_loader: Callable[[CfgNode, str, Mapper], Iterable] = _detection_test_loader
-    evaluator: Callable[[CfgNode, str, Optional[str]], DatasetEvaluator] = build_evaluator
-    check_records: Optional[Callable[[CfgNode, list], None]] = None
+    evaluator: Callable[[CfgNode, str, str | None], DatasetEvaluator] = build_evaluator
+    check_records: Callable[[CfgNode, list], None] | None = None
     streams_shards: bool = False
 
 
 # Keyed by MODEL.META_ARCHITECTURE; any other architecture gets DEFAULT_TASK.
-TASKS: Dict[str, TaskSpec] = {
+TASKS: dict[str, TaskSpec] = {
     "VirTex": TaskSpec(
         train_mapper=CaptionDatasetMapper,
         test_mapper=CaptionDatasetMapper,

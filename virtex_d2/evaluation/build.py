@@ -1,4 +1,5 @@
 """The one place that picks an evaluator, by the dataset's ``evaluator_type``."""
+
 from __future__ import annotations
 
 import os

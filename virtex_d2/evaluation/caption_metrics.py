@@ -17,14 +17,16 @@ models are fetched by the toolkit from the internet at first use, which we never
 are skipped with one logged warning and listed in :attr:`CaptionScores.skipped`.
 """
 
+from __future__ import annotations
+
 import contextlib
 import io
 import logging
 import os
 import shutil
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Hashable, Iterable, List, Mapping, Optional, Sequence
 
 import pycocoevalcap.meteor.meteor as _meteor_mod
 import pycocoevalcap.spice.get_stanford_models as _spice_models_mod
@@ -92,8 +94,8 @@ class CaptionScores:
         num_images: how many images were scored.
     """
 
-    scores: Dict[str, float]
-    skipped: Dict[str, str] = field(default_factory=dict)
+    scores: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)
     num_images: int = 0
 
     def to_json(self) -> dict:
@@ -105,12 +107,12 @@ class CaptionScores:
         }
 
 
-def find_java() -> Optional[str]:
+def find_java() -> str | None:
     """Path of the ``java`` executable the toolkit will run (looked up on PATH), or None."""
     return shutil.which("java")
 
 
-def optional_metric_problems(metrics: Iterable[str] = OPTIONAL_METRICS) -> Dict[str, str]:
+def optional_metric_problems(metrics: Iterable[str] = OPTIONAL_METRICS) -> dict[str, str]:
     """
     Check up front, without starting or downloading anything, whether METEOR / SPICE can run.
 
@@ -120,7 +122,7 @@ def optional_metric_problems(metrics: Iterable[str] = OPTIONAL_METRICS) -> Dict[
     Returns:
         metric name -> reason it cannot run, for those that cannot; empty if all can.
     """
-    problems: Dict[str, str] = {}
+    problems: dict[str, str] = {}
     java = find_java()
     for name in metrics:
         if name not in OPTIONAL_METRICS:
@@ -164,7 +166,7 @@ def _check_tokenizer() -> None:
         )
 
 
-def tokenize_captions(captions: Mapping[Hashable, Sequence[str]]) -> Dict[Hashable, List[str]]:
+def tokenize_captions(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list[str]]:
     """
     Tokenize with the toolkit's PTBTokenizer (lower-case, punctuation removed).
 
@@ -201,7 +203,7 @@ def _align(
     gts: Mapping[Hashable, Sequence[str]],
     results: Mapping[Hashable, str],
     allow_subset: bool,
-) -> List[Hashable]:
+) -> list[Hashable]:
     """Validate inputs; return the image ids to score, in ``gts`` order."""
     if not results:
         raise ValueError("No caption results to score")
@@ -240,7 +242,7 @@ def _run_optional(scorer_cls, gts, res) -> float:
 def score_captions(
     gts: Mapping[Hashable, Sequence[str]],
     results: Mapping[Hashable, str],
-    metrics: Optional[Iterable[str]] = None,
+    metrics: Iterable[str] | None = None,
     allow_subset: bool = False,
 ) -> CaptionScores:
     """
@@ -279,7 +281,7 @@ def score_captions(
     refs = tokenize_captions({k: list(gts[i]) for k, i in enumerate(ids)})
     hyps = tokenize_captions({k: [results[i]] for k, i in enumerate(ids)})
 
-    scores: Dict[str, float] = {}
+    scores: dict[str, float] = {}
     # Bleu prints its statistics unless verbose=0; the redirect keeps any other Python-side
     # print of the toolkit off the caller's stdout too.
     with contextlib.redirect_stdout(io.StringIO()):

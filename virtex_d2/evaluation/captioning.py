@@ -6,11 +6,13 @@ of which carries ``"image_id"`` and ``"captions": [str, ...]``, so any registere
 dataset can be evaluated. Scores are in percent; see :mod:`.caption_metrics`.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, Hashable, List, Optional, Sequence
+from collections.abc import Hashable, Sequence
 
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
@@ -39,9 +41,9 @@ class CaptioningEvaluator(DatasetEvaluator):
     def __init__(
         self,
         dataset_name: str,
-        output_dir: Optional[str] = None,
+        output_dir: str | None = None,
         distributed: bool = True,
-        metrics: Optional[Sequence[str]] = None,
+        metrics: Sequence[str] | None = None,
     ):
         """
         Args:
@@ -56,12 +58,12 @@ class CaptioningEvaluator(DatasetEvaluator):
         self._output_dir = output_dir
         self._distributed = distributed
         self._metrics = None if metrics is None else list(metrics)
-        self._predictions: List[Dict] = []
+        self._predictions: list[dict] = []
 
     def reset(self) -> None:
         self._predictions = []
 
-    def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
+    def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         """
         Args:
             inputs: dataset dicts given to the model; each has ``"image_id"``.
@@ -72,9 +74,9 @@ class CaptioningEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs):
             self._predictions.append({"image_id": inp["image_id"], "caption": out["caption"]})
 
-    def _ground_truth(self) -> Dict[Hashable, List[str]]:
+    def _ground_truth(self) -> dict[Hashable, list[str]]:
         """image_id -> reference captions, in dataset order."""
-        gts: Dict[Hashable, List[str]] = {}
+        gts: dict[Hashable, list[str]] = {}
         for record in DatasetCatalog.get(self._dataset_name):
             if "captions" not in record:
                 raise KeyError(
@@ -90,8 +92,8 @@ class CaptioningEvaluator(DatasetEvaluator):
             gts[image_id] = list(record["captions"])
         return gts
 
-    def _unique_predictions(self, predictions: List[Dict]) -> Dict[Hashable, str]:
-        results: Dict[Hashable, str] = {}
+    def _unique_predictions(self, predictions: list[dict]) -> dict[Hashable, str]:
+        results: dict[Hashable, str] = {}
         repeated = 0
         for pred in predictions:
             image_id, caption = pred["image_id"], pred["caption"]

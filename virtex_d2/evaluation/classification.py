@@ -1,11 +1,13 @@
 """Top-k accuracy of single-label classifiers, gathered over all processes."""
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
@@ -30,7 +32,7 @@ class ClassificationEvaluator(DatasetEvaluator):
     def __init__(
         self,
         dataset_name: str,
-        output_dir: Optional[str] = None,
+        output_dir: str | None = None,
         distributed: bool = True,
         topk: Sequence[int] = (1, 5),
     ):
@@ -48,12 +50,12 @@ class ClassificationEvaluator(DatasetEvaluator):
         self._output_dir = output_dir
         self._distributed = distributed
         self._topk = tuple(sorted(set(int(k) for k in topk)))
-        self._predictions: List[Dict[str, Any]] = []
+        self._predictions: list[dict[str, Any]] = []
 
     def reset(self) -> None:
         self._predictions = []
 
-    def process(self, inputs: List[Dict[str, Any]], outputs: List[Dict[str, Any]]) -> None:
+    def process(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
         if len(inputs) != len(outputs):
             raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs")
         for inp, out in zip(inputs, outputs):
@@ -99,7 +101,7 @@ class ClassificationEvaluator(DatasetEvaluator):
         skipped = [k for k in self._topk if k >= num_classes]
         if skipped:
             logger.info(f"top-{skipped} skipped: only {num_classes} classes")
-        metrics: Dict[str, float] = {}
+        metrics: dict[str, float] = {}
         for k in ks:
             hits = sum(p["label"] in p["topk"][:k] for p in predictions)
             metrics[f"top{k}"] = 100.0 * hits / len(predictions)

@@ -14,6 +14,7 @@ Results of ``evaluate()`` on the main process (other ranks return ``{}``)::
 
 All values in percent; NaN where nothing could be measured.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,7 +23,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from detectron2.data import MetadataCatalog
@@ -57,11 +58,11 @@ class FastCOCOEvaluator(DatasetEvaluator):
     def __init__(
         self,
         dataset_name: str,
-        tasks: Optional[Sequence[str]] = None,
+        tasks: Sequence[str] | None = None,
         distributed: bool = True,
-        output_dir: Optional[str] = None,
+        output_dir: str | None = None,
         *,
-        max_dets_per_image: Optional[int] = None,
+        max_dets_per_image: int | None = None,
     ):
         """
         Args:
@@ -83,15 +84,15 @@ class FastCOCOEvaluator(DatasetEvaluator):
         self._max_dets = max_dets_per_image
         self._metadata = MetadataCatalog.get(dataset_name)
         self._logger = logging.getLogger(__name__)
-        self._gt_api: Optional[COCO] = None
-        self._predictions: List[dict] = []
+        self._gt_api: COCO | None = None
+        self._predictions: list[dict] = []
 
     # --- DatasetEvaluator interface -----------------------------------------------------------
 
     def reset(self) -> None:
         self._predictions = []
 
-    def process(self, inputs: List[dict], outputs: List[dict]) -> None:
+    def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         """
         Args:
             inputs: model inputs; each dict has "image_id".
@@ -109,7 +110,7 @@ class FastCOCOEvaluator(DatasetEvaluator):
                 }
             )
 
-    def evaluate(self) -> "OrderedDict[str, Dict[str, float]]":
+    def evaluate(self) -> OrderedDict[str, dict[str, float]]:
         if self._distributed:
             comm.synchronize()
             gathered = comm.gather(self._predictions, dst=0)
@@ -144,7 +145,7 @@ class FastCOCOEvaluator(DatasetEvaluator):
             return OrderedDict()
 
         tasks = self._tasks or self._tasks_from_results(results)
-        out: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
+        out: OrderedDict[str, dict[str, float]] = OrderedDict()
         for task in sorted(tasks):
             metrics = evaluate_coco_json(
                 gt_api,
@@ -161,12 +162,12 @@ class FastCOCOEvaluator(DatasetEvaluator):
     # --- helpers --------------------------------------------------------------------------------
 
     @staticmethod
-    def _tasks_from_results(results: List[dict]) -> tuple:
+    def _tasks_from_results(results: list[dict]) -> tuple:
         if any("segmentation" in r for r in results):
             return ("bbox", "segm")
         return ("bbox",)
 
-    def _to_dataset_category_ids(self, results: List[dict]) -> None:
+    def _to_dataset_category_ids(self, results: list[dict]) -> None:
         """Contiguous training ids -> the ids used in the annotation json, in place."""
         mapping = self._metadata.get("thing_dataset_id_to_contiguous_id")
         if mapping is None:
@@ -193,9 +194,7 @@ class FastCOCOEvaluator(DatasetEvaluator):
                     "frequency fields, which a converted dataset does not have."
                 )
             if self._output_dir:
-                json_file = os.path.join(
-                    self._output_dir, f"{self._dataset_name}_coco_format.json"
-                )
+                json_file = os.path.join(self._output_dir, f"{self._dataset_name}_coco_format.json")
                 convert_to_coco_json(self._dataset_name, json_file)
             else:
                 self._gt_api = load_gt(convert_to_coco_dict(self._dataset_name))
@@ -203,7 +202,7 @@ class FastCOCOEvaluator(DatasetEvaluator):
         self._gt_api = load_gt(PathManager.get_local_path(json_file))
         return self._gt_api
 
-    def _log_metrics(self, task: str, metrics: Dict[str, float]) -> None:
+    def _log_metrics(self, task: str, metrics: dict[str, float]) -> None:
         summary = {k: v for k, v in metrics.items() if not k.startswith("AP-")}
         self._logger.info(
             f"Evaluation results for {task} on {self._dataset_name}:\n"
@@ -214,9 +213,7 @@ class FastCOCOEvaluator(DatasetEvaluator):
             # Three (category, AP) pairs per row keeps 80 classes readable in a log.
             flat = list(itertools.chain(*per_cat))
             rows = itertools.zip_longest(*[flat[i::6] for i in range(6)])
-            table = tabulate(
-                rows, headers=["category", "AP"] * 3, tablefmt="pipe", floatfmt=".3f"
-            )
+            table = tabulate(rows, headers=["category", "AP"] * 3, tablefmt="pipe", floatfmt=".3f")
             self._logger.info(f"Per-category {task} AP:\n" + table)
 
 
@@ -233,7 +230,7 @@ class FastLVISEvaluator(FastCOCOEvaluator):
     _lvis = True
     _results_file = "lvis_instances_results.json"
 
-    def _to_dataset_category_ids(self, results: List[dict]) -> None:
+    def _to_dataset_category_ids(self, results: list[dict]) -> None:
         if self._metadata.get("thing_dataset_id_to_contiguous_id") is not None:
             super()._to_dataset_category_ids(results)
             return

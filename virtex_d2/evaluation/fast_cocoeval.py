@@ -28,6 +28,7 @@ faster-coco-eval, which did this before, is no longer used here: hotcoco covers 
 (COCO and LVIS matching, the per-image LVIS cap, mask areas), so it stays only as the middle
 column of ``tools/benchmarks/benchmark_eval.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,8 @@ import logging
 import math
 import os
 from collections import defaultdict
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Union
 
 import hotcoco
 import numpy as np
@@ -96,7 +98,7 @@ def load_gt(gt: GtLike) -> hotcoco.COCO:
     raise TypeError(f"Unsupported ground truth type {type(gt)}")
 
 
-def _load_results(results: ResultsLike) -> List[dict]:
+def _load_results(results: ResultsLike) -> list[dict]:
     if isinstance(results, (str, os.PathLike)):
         with open(results) as f:
             results = json.load(f)
@@ -105,17 +107,17 @@ def _load_results(results: ResultsLike) -> List[dict]:
     return list(results)
 
 
-def limit_dets_per_image(results: Sequence[dict], max_dets: int) -> List[dict]:
+def limit_dets_per_image(results: Sequence[dict], max_dets: int) -> list[dict]:
     """Keep the ``max_dets`` top-scoring detections of each image, over all categories.
 
     LVIS's rule, in Python, for callers that want the capped list itself; evaluation applies
     the same rule inside hotcoco (``LVISResults``). Images are kept in first-appearance order; a
     capped image's detections are sorted by score (stable, so ties keep their input order).
     """
-    per_image: Dict[int, List[dict]] = defaultdict(list)
+    per_image: dict[int, list[dict]] = defaultdict(list)
     for r in results:
         per_image[r["image_id"]].append(r)
-    kept: List[dict] = []
+    kept: list[dict] = []
     for dets in per_image.values():
         if len(dets) > max_dets:
             dets = sorted(dets, key=lambda d: d["score"], reverse=True)[:max_dets]
@@ -124,7 +126,7 @@ def limit_dets_per_image(results: Sequence[dict], max_dets: int) -> List[dict]:
 
 
 def load_results(
-    gt_api: hotcoco.COCO, results: Sequence[dict], iou_type: str, lvis_cap: Optional[int] = None
+    gt_api: hotcoco.COCO, results: Sequence[dict], iou_type: str, lvis_cap: int | None = None
 ) -> hotcoco.COCO:
     """Index detections like pycocotools' ``loadRes``, as Detectron2 prepares them.
 
@@ -173,7 +175,7 @@ def run_cocoeval(
     results: Sequence[dict],
     iou_type: str,
     lvis: bool = False,
-    max_dets: Optional[int] = None,
+    max_dets: int | None = None,
 ) -> hotcoco.COCOeval:
     """Run hotcoco's evaluate + accumulate. ``results`` are not modified.
 
@@ -214,7 +216,7 @@ def _mean_valid(values: np.ndarray) -> float:
 
 def summarize_precision(
     ev: hotcoco.COCOeval, lvis: bool = False, per_category: bool = False
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Detectron2-style metrics from an evaluated ``hotcoco.COCOeval``.
 
     The means follow pycocotools' ``summarize`` (entries of -1, i.e. categories without valid
@@ -261,9 +263,9 @@ def evaluate_coco_json(
     results: ResultsLike,
     iou_type: str,
     lvis: bool = False,
-    max_dets: Optional[int] = None,
+    max_dets: int | None = None,
     per_category: bool = False,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """COCO or LVIS AP of detections in COCO results format; usable without a model.
 
     Args:

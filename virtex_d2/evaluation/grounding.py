@@ -7,10 +7,11 @@ caption, and with the images rotated by one place so that every caption is paire
 image. If the model ignores the image, the two losses are equal; the difference (nats per
 token) measures how much the image tells the decoder. It also counts distinct greedy captions.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -48,8 +49,9 @@ def rotation(n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_grounding(model: nn.Module, batches: Iterable[list[dict]],
-                      progress: bool = False) -> GroundingReport:
+def measure_grounding(
+    model: nn.Module, batches: Iterable[list[dict]], progress: bool = False
+) -> GroundingReport:
     """``model``: a captioning-task ``VirTex``; ``batches``: lists of caption-mapper outputs
     (``image``, ``caption_tokens``; ``noitpac_tokens`` is not needed). Runs in eval mode."""
     if getattr(model, "task", None) not in CAPTIONING_TASKS:
@@ -74,8 +76,9 @@ def measure_grounding(model: nn.Module, batches: Iterable[list[dict]],
     return GroundingReport(n, matched / n, shuffled / n, len(captions))
 
 
-def grounding_batches(cfg, dataset: str, num_images: int = 48,
-                      batch_size: int = 16) -> list[list[dict]]:
+def grounding_batches(
+    cfg, dataset: str, num_images: int = 48, batch_size: int = 16
+) -> list[list[dict]]:
     """The first ``num_images`` images of a registered caption dataset, mapped for evaluation
     (config's resize + centre crop, first caption) and cut into batches of >= 2 images."""
     from detectron2.data import DatasetCatalog
@@ -83,13 +86,15 @@ def grounding_batches(cfg, dataset: str, num_images: int = 48,
     from ..data.caption_mapper import CaptionDatasetMapper
 
     if batch_size < 2:
-        raise ValueError(f"batch size must be at least 2 (captions are paired with other "
-                         f"images), got {batch_size}")
+        raise ValueError(
+            f"batch size must be at least 2 (captions are paired with other "
+            f"images), got {batch_size}"
+        )
     if dataset not in DatasetCatalog.list():
         raise ValueError(f"dataset {dataset!r} is not registered")
     mapper = CaptionDatasetMapper(cfg, is_train=False)
     mapped = [mapper(r) for r in DatasetCatalog.get(dataset)[:num_images]]
-    batches = [mapped[i:i + batch_size] for i in range(0, len(mapped), batch_size)]
+    batches = [mapped[i : i + batch_size] for i in range(0, len(mapped), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < 2:
         # A trailing single image has no other image to pair with: it joins the batch before.
         last = batches.pop()

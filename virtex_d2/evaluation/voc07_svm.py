@@ -11,12 +11,14 @@ code, training treats "difficult only" as negative, and test AP ignores those im
 class. mAP is the mean over classes; "chance" is the AP of a random ranking, i.e. the fraction
 of positives among the evaluated test images.
 """
+
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -39,7 +41,7 @@ __all__ = [
 class SVMSettings:
     """See ``TEST.VOC07_SVM`` in :mod:`virtex_d2.config`."""
 
-    costs: Tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    costs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     cv_folds: int = 3
     positive_weight: float = 2.0
     loss: str = "squared_hinge"
@@ -82,7 +84,7 @@ def _make_svm(settings: SVMSettings, cost: float) -> LinearSVC:
 
 def train_class_svm(
     features: np.ndarray, targets: np.ndarray, settings: SVMSettings, class_name: str = "?"
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Choose the cost by cross-validation and refit on everything.
 
     Args:
@@ -102,7 +104,7 @@ def train_class_svm(
             f"{settings.cv_folds} of each"
         )
     folds = StratifiedKFold(n_splits=settings.cv_folds)  # unshuffled, as cross_val_score(cv=3)
-    cv_ap: Dict[float, float] = {}
+    cv_ap: dict[float, float] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         for cost in settings.costs:
@@ -126,7 +128,7 @@ def _one_class(
     test_x: np.ndarray,
     test_t: np.ndarray,
     settings: SVMSettings,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     fit = train_class_svm(train_x, train_t, settings, name)
     keep = test_t != 0  # difficult-only images do not count for this class
     positives = test_t[keep] == 1
@@ -153,7 +155,7 @@ def run_svm_protocol(
     class_names: Sequence[str],
     settings: SVMSettings = SVMSettings(),
     n_jobs: int = 1,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Train and test one SVM per class.
 
     Args:
@@ -166,7 +168,8 @@ def run_svm_protocol(
     """
     K = len(class_names)
     if train_targets.shape != (len(train_features), K) or test_targets.shape != (
-        len(test_features), K
+        len(test_features),
+        K,
     ):
         raise ValueError(
             f"targets {train_targets.shape} / {test_targets.shape} do not match features "
@@ -180,7 +183,7 @@ def run_svm_protocol(
         for k in range(K)
     ]  # fmt: skip
     if n_jobs == 1:
-        per_class: List[Dict[str, Any]] = [_one_class(*a) for a in args]
+        per_class: list[dict[str, Any]] = [_one_class(*a) for a in args]
     else:
         from joblib import Parallel, delayed
 

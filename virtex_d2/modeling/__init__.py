@@ -1,4 +1,7 @@
 """Meta-architectures, backbones and textual heads (registered on import)."""
+
+from __future__ import annotations
+
 from . import (
     backbone,  # noqa: F401  (registers build_virtex_resnet_backbone)
     roi_heads,  # noqa: F401  (registers Res5ROIHeadsExtraNorm)

@@ -6,9 +6,10 @@ predicted token ``i + 1`` during generation. Weights (per layer: heads x tokens 
 are combined by taking the **mean over heads, then the mean over layers** (or one chosen
 layer). Every map is a distribution over the ``h x w`` grid (sums to 1).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from ..data.tokenizer import SOS_ID
 
 
-def check_layer(layer: Optional[int], num_layers: int) -> None:
+def check_layer(layer: int | None, num_layers: int) -> None:
     """Raise ValueError unless ``layer`` is None or indexes one of ``num_layers`` layers."""
     if layer is not None and not -num_layers <= layer < num_layers:
         raise ValueError(
@@ -25,7 +26,7 @@ def check_layer(layer: Optional[int], num_layers: int) -> None:
         )
 
 
-def combine_attention(weights: Sequence[torch.Tensor], layer: Optional[int] = None) -> torch.Tensor:
+def combine_attention(weights: Sequence[torch.Tensor], layer: int | None = None) -> torch.Tensor:
     """Per-layer cross-attention (B, heads, L, N) -> (B, L, N): the mean over heads, then the
     mean over layers; with ``layer`` (0-based, negative counts from the end) only that layer."""
     if not weights:
@@ -38,7 +39,7 @@ def combine_attention(weights: Sequence[torch.Tensor], layer: Optional[int] = No
 
 @torch.no_grad()
 def token_attention_maps(
-    head: nn.Module, features: torch.Tensor, tokens: Sequence[int], layer: Optional[int] = None
+    head: nn.Module, features: torch.Tensor, tokens: Sequence[int], layer: int | None = None
 ) -> torch.Tensor:
     """(T, h, w) maps for one image's grid ``features`` (1, C, h, w) and its caption ``tokens``
     (no [SOS]/[EOS]); map t is the attention the forward head used to predict ``tokens[t]``."""

@@ -9,6 +9,7 @@ so the builders below serve random, ImageNet and VirTex initialisations alike.
 Because these *are* Detectron2's ResNets (same module names), pretrained weights load into
 Detectron2's R-FPN and R-C4 models with at most a prefix change.
 """
+
 from __future__ import annotations
 
 from detectron2.layers import ShapeSpec

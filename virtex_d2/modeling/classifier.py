@@ -7,9 +7,11 @@ the detectors. With ``freeze_backbone`` (linear probe) the backbone has no gradi
 its pretrained statistics. The reference linear probe is plain (no extra BN before the linear
 layer), and so is this one.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +67,7 @@ class ImageClassifier(nn.Module):
             self.backbone.eval()
 
     @classmethod
-    def from_config(cls, cfg) -> Dict[str, Any]:
+    def from_config(cls, cfg) -> dict[str, Any]:
         c = cfg.MODEL.CLASSIFIER
         return {
             "backbone": build_backbone(cfg),
@@ -81,14 +83,14 @@ class ImageClassifier(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def train(self, mode: bool = True) -> "ImageClassifier":
+    def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
         if self.freeze_backbone:
             # Frozen BN must use (and keep) its running statistics during training too.
             self.backbone.eval()
         return self
 
-    def preprocess_image(self, batched_inputs: List[Dict[str, Any]]) -> torch.Tensor:
+    def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> torch.Tensor:
         """Normalised images, shape (B, 3, H, W)."""
         images = [x["image"] for x in batched_inputs]
         sizes = {tuple(im.shape[-2:]) for im in images}
@@ -98,7 +100,7 @@ class ImageClassifier(nn.Module):
         x = torch.stack([im.to(self.device) for im in images]).float()
         return (x - self.pixel_mean) / self.pixel_std
 
-    def pooled_features(self, batched_inputs: List[Dict[str, Any]]) -> torch.Tensor:
+    def pooled_features(self, batched_inputs: list[dict[str, Any]]) -> torch.Tensor:
         """Globally average-pooled ``in_feature`` map, shape (B, C) (C = 2048 for res5 of an
         R-50)."""
         images = self.preprocess_image(batched_inputs)
@@ -108,7 +110,7 @@ class ImageClassifier(nn.Module):
         # shape: (B, C)
         return fmap.mean(dim=(2, 3))
 
-    def forward(self, batched_inputs: List[Dict[str, Any]]):
+    def forward(self, batched_inputs: list[dict[str, Any]]):
         features = self.pooled_features(batched_inputs)
         # shape: (B, num_classes)
         logits = self.classifier(features)

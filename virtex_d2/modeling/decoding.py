@@ -7,9 +7,10 @@ step function can permute its key/value caches along with the beams. Whether the
 reuses cached keys/values or recomputes the whole prefix is invisible here, which is what lets
 tests compare the two exactly.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -25,9 +26,15 @@ def _strip(tokens: torch.Tensor, eos: int) -> list[list[int]]:
     return out
 
 
-def _decode_one_path(step: StepFn, choose: Callable[[torch.Tensor], torch.Tensor],
-                     batch_size: int, sos: int, eos: int, max_length: int,
-                     device: torch.device) -> list[list[int]]:
+def _decode_one_path(
+    step: StepFn,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+    sos: int,
+    eos: int,
+    max_length: int,
+    device: torch.device,
+) -> list[list[int]]:
     """One caption per image: ``choose`` maps log-probabilities (B, V) to next tokens (B,);
     finished captions keep appending [EOS]."""
     tokens = torch.full((batch_size, 1), sos, dtype=torch.long, device=device)
@@ -43,17 +50,19 @@ def _decode_one_path(step: StepFn, choose: Callable[[torch.Tensor], torch.Tensor
 
 
 @torch.no_grad()
-def greedy_decode(step: StepFn, batch_size: int, sos: int, eos: int, max_length: int,
-                  device: torch.device) -> list[list[int]]:
+def greedy_decode(
+    step: StepFn, batch_size: int, sos: int, eos: int, max_length: int, device: torch.device
+) -> list[list[int]]:
     """Most likely token at every step. Returns B token lists (no [SOS]/[EOS])."""
-    return _decode_one_path(step, lambda logp: logp.argmax(dim=-1), batch_size, sos, eos,
-                            max_length, device)
+    return _decode_one_path(
+        step, lambda logp: logp.argmax(dim=-1), batch_size, sos, eos, max_length, device
+    )
 
 
 @torch.no_grad()
 def beam_search(
     step: StepFn,
-    reorder: Optional[ReorderFn],
+    reorder: ReorderFn | None,
     batch_size: int,
     beam_size: int,
     sos: int,
@@ -104,9 +113,16 @@ def beam_search(
 
 
 @torch.no_grad()
-def nucleus_sample(step: StepFn, batch_size: int, sos: int, eos: int, max_length: int,
-                   device: torch.device, top_p: float = 0.9,
-                   generator: Optional[torch.Generator] = None) -> list[list[int]]:
+def nucleus_sample(
+    step: StepFn,
+    batch_size: int,
+    sos: int,
+    eos: int,
+    max_length: int,
+    device: torch.device,
+    top_p: float = 0.9,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """Sample from the smallest set of tokens whose probability mass reaches ``top_p``."""
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -116,7 +132,9 @@ def nucleus_sample(step: StepFn, batch_size: int, sos: int, eos: int, max_length
         # Keep a token if the mass before it is below top_p (the first token is always kept).
         keep = (sorted_p.cumsum(dim=-1) - sorted_p) < top_p
         sorted_p = sorted_p * keep
-        choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+        choice = torch.multinomial(
+            sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator
+        )
         return order.gather(1, choice).squeeze(1)
 
     return _decode_one_path(step, choose, batch_size, sos, eos, max_length, device)

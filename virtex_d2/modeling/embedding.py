@@ -1,4 +1,5 @@
 """Word + learned positional embedding of caption tokens."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,14 @@ class WordAndPositionalEmbedding(nn.Module):
         max_caption_length: number of learned positions.
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, dropout: float = 0.1,
-                 max_caption_length: int = 30, padding_idx: int = 0):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        dropout: float = 0.1,
+        max_caption_length: int = 30,
+        padding_idx: int = 0,
+    ):
         super().__init__()
         self.padding_idx = padding_idx
         self.words = nn.Embedding(vocab_size, hidden_size, padding_idx=padding_idx)

@@ -24,9 +24,10 @@ kept) and so is the token just generated; a finished caption only appends [EOS].
 Both call a step function with the whole prefix the reference would feed, so the caller may
 recompute it or reuse cached keys/values (both are tested equal).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -52,7 +53,7 @@ def _strip_after_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
 def reference_beam_search(
     first_step: Callable[[], torch.Tensor],
     step: StepFn,
-    reorder: Optional[ReorderFn],
+    reorder: ReorderFn | None,
     batch_size: int,
     beam_size: int,
     eos: int,
@@ -111,7 +112,7 @@ def reference_nucleus_sample(
     max_steps: int,
     device: torch.device,
     top_p: float = 0.9,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Nucleus sampling as the reference runs it (see the module docstring).
 

@@ -4,9 +4,10 @@ When the backbone is fine-tuned with BatchNorm, the box predictor of a C4 model 
 features that were never normalised after the last residual addition; the VirTex paper (after
 MoCo) appends one more norm layer there for its VOC07+12 Faster R-CNN R50-C4 runs.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import ROI_HEADS_REGISTRY
@@ -37,7 +38,7 @@ class Res5ROIHeadsExtraNorm(Res5ROIHeads):
     """
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict[str, Any]:
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict[str, Any]:
         # Extending the built kwargs keeps to the public @configurable contract instead of
         # overriding the private _build_res5_block hook.
         ret = super().from_config(cfg, input_shape)

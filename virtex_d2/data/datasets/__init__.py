@@ -2,6 +2,9 @@
 
 Importing this package registers the datasets listed in ``datasets/README.md``.
 """
+
+from __future__ import annotations
+
 from . import builtin  # noqa: F401  (registers datasets)
 from .builtin import (  # noqa: F401
     CLASSIFICATION_DATASETS,

@@ -9,10 +9,13 @@ and ``lvis_v1_*`` datasets are left as they are. See ``datasets/README.md`` for 
 To point the registrations at another root inside a running process (e.g. in tests), set
 the variable and call :func:`register_all_virtex_datasets` again: it replaces the entries.
 """
+
+from __future__ import annotations
+
 import functools
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
@@ -40,11 +43,11 @@ __all__ = [
 ]
 
 _SPLITS = ("train", "val")
-SYNTHETIC_DATASETS: List[str] = [
+SYNTHETIC_DATASETS: list[str] = [
     f"synthetic_{kind}_{split}" for kind in ("captions", "coco", "lvis") for split in _SPLITS
 ]
-COCO_CAPTIONS_DATASETS: List[str] = [f"coco_captions_2017_{split}" for split in _SPLITS]
-CLASSIFICATION_DATASETS: List[str] = [
+COCO_CAPTIONS_DATASETS: list[str] = [f"coco_captions_2017_{split}" for split in _SPLITS]
+CLASSIFICATION_DATASETS: list[str] = [
     f"{base}_{split}" for base in ("imagenet", "inat2018", "synthetic_cls") for split in _SPLITS
 ]
 
@@ -55,7 +58,7 @@ def get_datasets_root() -> str:
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
-def _register(name: str, loader: Callable[[], List[Dict[str, Any]]], **metadata: Any) -> None:
+def _register(name: str, loader: Callable[[], list[dict[str, Any]]], **metadata: Any) -> None:
     # Replace any earlier entry, so that importing twice, importlib.reload() and
     # re-registering under another root all work.
     if name in DatasetCatalog.list():
@@ -66,7 +69,7 @@ def _register(name: str, loader: Callable[[], List[Dict[str, Any]]], **metadata:
     MetadataCatalog.get(name).set(**metadata)
 
 
-def _load_synthetic_captions(base: str, split: str, name: str) -> List[Dict[str, Any]]:
+def _load_synthetic_captions(base: str, split: str, name: str) -> list[dict[str, Any]]:
     ensure_synthetic_dataset(base)
     annotations = os.path.join(base, "annotations")
     return load_coco_captions_json(
@@ -77,13 +80,13 @@ def _load_synthetic_captions(base: str, split: str, name: str) -> List[Dict[str,
     )
 
 
-def _load_synthetic_coco(base: str, split: str, name: str) -> List[Dict[str, Any]]:
+def _load_synthetic_coco(base: str, split: str, name: str) -> list[dict[str, Any]]:
     ensure_synthetic_dataset(base)
     json_file = os.path.join(base, "annotations", f"instances_{split}.json")
     return load_coco_json(json_file, os.path.join(base, split), name)
 
 
-def _load_synthetic_lvis(base: str, split: str, name: str) -> List[Dict[str, Any]]:
+def _load_synthetic_lvis(base: str, split: str, name: str) -> list[dict[str, Any]]:
     ensure_synthetic_dataset(base)
     json_file = os.path.join(base, "annotations", f"lvis_{split}.json")
     # dataset_name=None: given a name, Detectron2 looks up built-in LVIS metadata by it and
@@ -160,7 +163,7 @@ def register_synthetic_datasets(root: str) -> None:
         )
 
 
-def _load_coco_captions(root: str, split: str, name: str) -> List[Dict[str, Any]]:
+def _load_coco_captions(root: str, split: str, name: str) -> list[dict[str, Any]]:
     annotations = os.path.join(root, "coco", "annotations")
     instances_json = os.path.join(annotations, f"instances_{split}2017.json")
     return load_coco_captions_json(
@@ -187,7 +190,7 @@ def register_coco_captions_datasets(root: str) -> None:
         )
 
 
-def register_image_folder(name: str, image_root: str, class_root: Optional[str] = None) -> None:
+def register_image_folder(name: str, image_root: str, class_root: str | None = None) -> None:
     """Register an ``<image_root>/<class>/<image>`` tree as a classification dataset."""
     _register(
         name,
@@ -208,13 +211,13 @@ def register_inat_json(name: str, json_file: str, image_root: str) -> None:
     )
 
 
-def _load_synthetic_cls(base: str, split: str, name: str) -> List[Dict[str, Any]]:
+def _load_synthetic_cls(base: str, split: str, name: str) -> list[dict[str, Any]]:
     ensure_synthetic_dataset(base)
     json_file = os.path.join(base, "annotations", f"instances_{split}.json")
     return load_coco_instances_classification(json_file, os.path.join(base, split), name)
 
 
-def register_classification_datasets(root: Optional[str] = None) -> None:
+def register_classification_datasets(root: str | None = None) -> None:
     """(Re-)register ``imagenet_*``, ``inat2018_*`` and ``synthetic_cls_*`` under ``root``
     (default: :func:`get_datasets_root`). Reads no file.
 
@@ -243,7 +246,7 @@ def register_classification_datasets(root: Optional[str] = None) -> None:
         )
 
 
-def register_all_virtex_datasets(root: Optional[str] = None) -> None:
+def register_all_virtex_datasets(root: str | None = None) -> None:
     """(Re-)register every dataset of this project under ``root`` (default:
     :func:`get_datasets_root`). Safe to call repeatedly; later calls replace the entries."""
     root = get_datasets_root() if root is None else root

@@ -19,13 +19,15 @@ Class names of folder / json datasets are put into the metadata when the dataset
 loaded. :func:`load_multilabel_targets` gives the VOC07 SVM protocol's per-class targets (+1
 present, 0 difficult only, -1 absent) for VOC-style and multi-label sets.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import xml.etree.ElementTree as ET
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -45,7 +47,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _set_classes(dataset_name: Optional[str], classes: List[str], source: str) -> None:
+def _set_classes(dataset_name: str | None, classes: list[str], source: str) -> None:
     """Record class names found at load time; refuse a change within one process."""
     if not dataset_name:
         return
@@ -60,7 +62,7 @@ def _set_classes(dataset_name: Optional[str], classes: List[str], source: str) -
         meta.thing_classes = list(classes)
 
 
-def _class_folders(root: str) -> List[str]:
+def _class_folders(root: str) -> list[str]:
     # torchvision's messages name neither the expected layout nor the ImageNet val pitfall.
     if not os.path.isdir(root):
         raise FileNotFoundError(
@@ -78,8 +80,8 @@ def _class_folders(root: str) -> List[str]:
 
 # ----------------------------------------------------------------------------------- loaders
 def load_image_folder(
-    image_root: str, class_root: Optional[str] = None, dataset_name: Optional[str] = None
-) -> List[Dict[str, Any]]:
+    image_root: str, class_root: str | None = None, dataset_name: str | None = None
+) -> list[dict[str, Any]]:
     """Records of an ``<image_root>/<class>/<image>`` tree (ImageNet layout).
 
     Args:
@@ -117,7 +119,7 @@ def load_image_folder(
     return records
 
 
-def _read_json(json_file: str) -> Dict[str, Any]:
+def _read_json(json_file: str) -> dict[str, Any]:
     if not os.path.isfile(json_file):
         raise FileNotFoundError(
             f"{json_file} does not exist (set $DETECTRON2_DATASETS or register the dataset "
@@ -132,8 +134,8 @@ def _read_json(json_file: str) -> Dict[str, Any]:
 
 
 def load_inat_json(
-    json_file: str, image_root: str, dataset_name: Optional[str] = None
-) -> List[Dict[str, Any]]:
+    json_file: str, image_root: str, dataset_name: str | None = None
+) -> list[dict[str, Any]]:
     """Records of an iNaturalist-2018-style json (one annotation per image).
 
     Labels index the categories sorted by id (iNat 2018 ids are already 0..8141).
@@ -141,7 +143,7 @@ def load_inat_json(
     data = _read_json(json_file)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i for i, c in enumerate(categories)}
-    label_of: Dict[Any, int] = {}
+    label_of: dict[Any, int] = {}
     for ann in data["annotations"]:
         image_id, cat = ann["image_id"], ann["category_id"]
         if cat not in cat_index:
@@ -173,8 +175,8 @@ def load_inat_json(
 
 
 def load_coco_instances_classification(
-    json_file: str, image_root: str, dataset_name: Optional[str] = None
-) -> List[Dict[str, Any]]:
+    json_file: str, image_root: str, dataset_name: str | None = None
+) -> list[dict[str, Any]]:
     """Classification records from a COCO instances json.
 
     ``label`` is the class of the largest non-crowd object (by ``area``, else box area; the
@@ -185,14 +187,13 @@ def load_coco_instances_classification(
     data = _read_json(json_file)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i for i, c in enumerate(categories)}
-    objects: Dict[Any, List[Tuple[float, int]]] = {}
+    objects: dict[Any, list[tuple[float, int]]] = {}
     for ann in data["annotations"]:
         if ann.get("iscrowd", 0):
             continue
         if ann["category_id"] not in cat_index:
             raise ValueError(
-                f"{json_file}: annotation {ann.get('id')} has unknown category "
-                f"{ann['category_id']}"
+                f"{json_file}: annotation {ann.get('id')} has unknown category {ann['category_id']}"
             )
         area = ann.get("area")
         if area is None:
@@ -225,7 +226,7 @@ def load_coco_instances_classification(
 
 def load_voc_multilabel(
     dirname: str, split: str, class_names: Sequence[str]
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Per-class image labels of a PASCAL VOC split, difficult flags kept.
 
     Detectron2's VOC loader keeps difficult objects without their flag, so the labels are read
@@ -272,7 +273,7 @@ def load_voc_multilabel(
 
 def load_multilabel_targets(
     dataset_name: str,
-) -> Tuple[List[Dict[str, Any]], np.ndarray, List[str]]:
+) -> tuple[list[dict[str, Any]], np.ndarray, list[str]]:
     """Records, targets (N, K) int8 in {+1, 0, -1} (see :func:`load_voc_multilabel`) and class
     names of a registered dataset.
 

@@ -1,9 +1,13 @@
 """Load COCO Captions json files (``captions_{train,val}2017.json`` and files in the same
 format) into Detectron2-style dataset dicts, one per image with all of its captions."""
+
+from __future__ import annotations
+
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 from detectron2.data import MetadataCatalog
 from detectron2.utils.file_io import PathManager
@@ -13,7 +17,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["load_coco_captions_json"]
 
 
-def _read_json(path: str) -> Dict[str, Any]:
+def _read_json(path: str) -> dict[str, Any]:
     with PathManager.open(path, "r") as f:
         try:
             data = json.load(f)
@@ -37,12 +41,12 @@ def _require(record: Any, keys: Sequence[str], json_file: str, what: str) -> Non
 
 
 def _labels_per_image(
-    instances_jsons: Sequence[str], image_ids: Sequence[int], dataset_name: Optional[str]
-) -> Dict[int, List[int]]:
+    instances_jsons: Sequence[str], image_ids: Sequence[int], dataset_name: str | None
+) -> dict[int, list[int]]:
     """Contiguous class indices (0..K-1 in the order of sorted category ids) present in each
     image, crowd regions included: they too show that the class is in the image."""
-    categories: Optional[List[Dict[str, Any]]] = None
-    labels: Dict[int, set] = {}
+    categories: list[dict[str, Any]] | None = None
+    labels: dict[int, set] = {}
     for path in instances_jsons:
         data = _read_json(path)
         for key in ("images", "annotations", "categories"):
@@ -79,9 +83,9 @@ def _labels_per_image(
 def load_coco_captions_json(
     json_file: str,
     image_root: str,
-    dataset_name: Optional[str] = None,
-    instances_json: Optional[Union[str, Sequence[str]]] = None,
-) -> List[Dict[str, Any]]:
+    dataset_name: str | None = None,
+    instances_json: str | Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
     """Read a COCO Captions json file.
 
     Args:
@@ -106,7 +110,7 @@ def load_coco_captions_json(
     for key in ("images", "annotations"):
         if key not in data:
             raise ValueError(f"{json_file}: missing '{key}'; is it a COCO Captions file?")
-    records: Dict[int, Dict[str, Any]] = {}
+    records: dict[int, dict[str, Any]] = {}
     for k, img in enumerate(data["images"]):
         _require(img, ("id", "file_name", "height", "width"), json_file, f"image #{k}")
         if not isinstance(img["file_name"], str) or not img["file_name"].strip():
@@ -124,7 +128,7 @@ def load_coco_captions_json(
             "width": img["width"],
             "captions": [],
         }
-    empty_ids: List[Any] = []
+    empty_ids: list[Any] = []
     for k, ann in enumerate(data["annotations"]):
         _require(ann, ("image_id",), json_file, f"annotation #{k}")
         if ann["image_id"] not in records:
@@ -145,14 +149,20 @@ def load_coco_captions_json(
         logger.warning(
             "%s: dropped %d missing or empty caption(s) (absent, not text or whitespace only; "
             "annotation ids %s%s)",
-            json_file, len(empty_ids), empty_ids[:5], ", ..." if len(empty_ids) > 5 else "",
+            json_file,
+            len(empty_ids),
+            empty_ids[:5],
+            ", ..." if len(empty_ids) > 5 else "",
         )
     kept = [records[i] for i in sorted(records) if records[i]["captions"]]
     if len(kept) < len(records):
         uncaptioned = [i for i in sorted(records) if not records[i]["captions"]]
         logger.warning(
-            "%s: dropped %d image(s) without captions (image ids %s%s)", json_file,
-            len(uncaptioned), uncaptioned[:5], ", ..." if len(uncaptioned) > 5 else "",
+            "%s: dropped %d image(s) without captions (image ids %s%s)",
+            json_file,
+            len(uncaptioned),
+            uncaptioned[:5],
+            ", ..." if len(uncaptioned) > 5 else "",
         )
     if instances_json is not None:
         paths = [instances_json] if isinstance(instances_json, str) else list(instances_json)

@@ -29,12 +29,15 @@ frequent (>100 images), common and rare categories, all of which also occur in v
 This module builds the annotations, writes the splits and generates the dataset on demand;
 scenes are drawn by ``synthetic_scene`` and captioned by ``synthetic_captions``.
 """
+
+from __future__ import annotations
+
 import contextlib
 import json
 import logging
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import portalocker
@@ -72,7 +75,7 @@ _FIXED_DATE = "2024-01-01 00:00:00"  # fixed, so that output bytes depend on the
 
 
 # ---------------------------------------------------------------------------- annotations
-def _segmentation(obj: Dict[str, Any], visible: np.ndarray) -> List[List[float]]:
+def _segmentation(obj: dict[str, Any], visible: np.ndarray) -> list[list[float]]:
     """Polygons of the visible region: the shape's own vertices when nothing covers it,
     else the exact pixel outline of what is left."""
     if int(visible.sum()) == obj["full_area"]:
@@ -133,7 +136,7 @@ def _generate_split(split, num_images, size, seed, output_dir, forced, progress,
     """Paint, save and annotate one split. Returns its json lists and scene descriptions."""
     os.makedirs(os.path.join(output_dir, split), exist_ok=True)
     names = ("images", "captions", "coco", "lvis", "lvis_images", "scenes")
-    out: Dict[str, list] = {k: [] for k in names}
+    out: dict[str, list] = {k: [] for k in names}
     indices = range(num_images)
     if progress:
         from tqdm import tqdm
@@ -173,9 +176,9 @@ def _generate_split(split, num_images, size, seed, output_dir, forced, progress,
     return out
 
 
-def _lvis_categories(train_annotations: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def _lvis_categories(train_annotations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """LVIS v1 category records; counts and frequency come from the train split."""
-    images: Dict[int, set] = {c: set() for c in range(1, len(LVIS_CATEGORY_NAMES) + 1)}
+    images: dict[int, set] = {c: set() for c in range(1, len(LVIS_CATEGORY_NAMES) + 1)}
     instances = dict.fromkeys(images, 0)
     for ann in train_annotations:
         images[ann["category_id"]].add(ann["image_id"])
@@ -201,7 +204,7 @@ def _write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, sort_keys=True, separators=(",", ":"))
 
 
-def _write_split(output_dir: str, split: str, data: Dict[str, list], lvis_categories: list):
+def _write_split(output_dir: str, split: str, data: dict[str, list], lvis_categories: list):
     """Write the three json files of a split; returns its entry of the summary."""
     paths = {
         k: os.path.join(output_dir, "annotations", f"{k}_{split}.json")
@@ -258,7 +261,7 @@ def generate_synthetic_dataset(
     seed: int = 0,
     progress: bool = False,
     return_scenes: bool = False,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Write the synthetic shapes dataset under ``output_dir`` (layout in the module
     docstring). The same arguments always give byte-identical files.
 
@@ -299,11 +302,11 @@ def generate_synthetic_dataset(
             split, num, image_size, seed, output_dir, forced_here, progress, counters
         )
     lvis_categories = _lvis_categories(splits["train"]["lvis"])
-    summary: Dict[str, Any] = {"output_dir": output_dir, "image_size": image_size, "seed": seed}
+    summary: dict[str, Any] = {"output_dir": output_dir, "image_size": image_size, "seed": seed}
     summary["splits"], summary["lvis_frequency"] = {}, {}
     for split, data in splits.items():
         summary["splits"][split] = _write_split(output_dir, split, data, lvis_categories)
-        groups: Dict[str, set] = {"r": set(), "c": set(), "f": set()}
+        groups: dict[str, set] = {"r": set(), "c": set(), "f": set()}
         for ann in data["lvis"]:
             groups[lvis_categories[ann["category_id"] - 1]["frequency"]].add(ann["category_id"])
         summary["lvis_frequency"][split] = {k: len(v) for k, v in groups.items()}

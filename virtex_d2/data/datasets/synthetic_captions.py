@@ -1,31 +1,34 @@
 """Caption writing for the synthetic shapes dataset (see ``synthetic``): five captions per
 scene naming shapes, colours, sizes, counts, absolute positions and spatial relations, all
 true of the scene's geometry."""
-from typing import Any, Dict, List, Optional, Tuple
+
+from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from .synthetic_scene import SHAPE_NAMES
 
 # ---------------------------------------------------------------------------- constants
-SHAPE_PLURALS: Dict[str, str] = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPE_NAMES}
-SIZE_WORDS: Dict[str, str] = {"small": "small", "medium": "medium-sized", "large": "large"}
-NUMBER_WORDS: List[str] = ["no", "one", "two", "three", "four", "five"]
+SHAPE_PLURALS: dict[str, str] = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPE_NAMES}
+SIZE_WORDS: dict[str, str] = {"small": "small", "medium": "medium-sized", "large": "large"}
+NUMBER_WORDS: list[str] = ["no", "one", "two", "three", "four", "five"]
 # Centre distance (fraction of the image side) below which no relation is stated.
 _RELATION_MARGIN = 0.12
 
 
 # ---------------------------------------------------------------------------- captions
-def _noun_phrase(obj: Dict[str, Any], with_size: bool) -> str:
+def _noun_phrase(obj: dict[str, Any], with_size: bool) -> str:
     words = ([SIZE_WORDS[obj["size"]]] if with_size else []) + [obj["colour"], obj["shape"]]
     return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
 
 
-def _join(items: List[str]) -> str:
+def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def position_phrase(center: List[float], image_size: int) -> str:
+def position_phrase(center: list[float], image_size: int) -> str:
     """Words for where a centre (x, y) lies: left / right beyond 10% off the vertical
     midline, top / bottom likewise, e.g. "in the top left corner", "in the middle"."""
     x, y = center[0] / image_size, center[1] / image_size
@@ -36,7 +39,7 @@ def position_phrase(center: List[float], image_size: int) -> str:
     return f"on the {h} side" if h else (f"at the {v}" if v else "in the middle")
 
 
-def spatial_relation(a: List[float], b: List[float], image_size: int) -> Optional[str]:
+def spatial_relation(a: list[float], b: list[float], image_size: int) -> str | None:
     """How centre ``a`` lies relative to centre ``b`` along the dominant axis: "to the left
     of", "to the right of", "above" or "below"; None when they are too close to tell."""
     dx, dy = b[0] - a[0], b[1] - a[1]
@@ -49,15 +52,15 @@ def spatial_relation(a: List[float], b: List[float], image_size: int) -> Optiona
 
 def make_captions(
     rng: np.random.Generator,
-    objects: List[Dict[str, Any]],
+    objects: list[dict[str, Any]],
     background: str,
-    crowd: Optional[Dict[str, Any]],
+    crowd: dict[str, Any] | None,
     image_size: int,
-) -> List[str]:
+) -> list[str]:
     """Five distinct captions, each true for the scene. The first two state relations when
     two different-looking shapes are far enough apart; the others enumerate, count, locate,
     compare sizes or list colours, in varied templates and word orders."""
-    groups: Dict[Tuple[str, str], List[int]] = {}
+    groups: dict[tuple[str, str], list[int]] = {}
     for i, o in enumerate(objects):
         groups.setdefault((o["colour"], o["shape"]), []).append(i)
     relations = []
@@ -84,7 +87,7 @@ def make_captions(
         phrases = [phrases[k] for k in rng.permutation(len(phrases))]
         return _join(phrases + ([crowd_np] if crowd_np and with_crowd else []))
 
-    def relation() -> Optional[str]:
+    def relation() -> str | None:
         if not relations:
             return None
         i, rel, j = pick(relations)
@@ -112,7 +115,7 @@ def make_captions(
         where = position_phrase(o["center"], image_size)
         return f"{_noun_phrase(o, rng.random() < 0.5)} {where}" + pick(["", " of the image"])
 
-    def compare() -> Optional[str]:
+    def compare() -> str | None:
         areas = sorted((o["full_area"], k) for k, o in enumerate(objects))
         if len(areas) >= 2 and rng.random() < 0.5 and areas[-1][0] >= 1.3 * areas[-2][0]:
             return f"the largest shape is {_noun_phrase(objects[areas[-1][1]], False)}"
@@ -128,7 +131,7 @@ def make_captions(
         return listing(False) + (f" on {bg}" if rng.random() < 0.3 else "")
 
     templates = [enumeration, count, locate, compare, colours, compact, relation]
-    captions: List[str] = []
+    captions: list[str] = []
     for attempt in range(300):
         text = (relation if len(captions) < 2 and attempt < 20 else pick(templates))()
         if text:

@@ -1,7 +1,10 @@
 """Scene drawing for the synthetic shapes dataset (see ``synthetic``): the shape, colour and
 size catalogue with its long-tailed category weights, the geometry and rasterising helpers,
 background rendering, sampling of shapes and crowds, and painting of one image."""
-from typing import Any, Dict, List, Tuple
+
+from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -19,12 +22,12 @@ _SHAPES = [
     ("cross", 31, "symbol"),
     ("ellipse", 40, "round"),
 ]
-SHAPE_NAMES: List[str] = [s[0] for s in _SHAPES]
-COCO_CATEGORIES: List[Dict[str, Any]] = [
+SHAPE_NAMES: list[str] = [s[0] for s in _SHAPES]
+COCO_CATEGORIES: list[dict[str, Any]] = [
     {"id": cid, "name": name, "supercategory": sup} for name, cid, sup in _SHAPES
 ]
 # Saturated, well separated colours; backgrounds are muted so each stays recognisable.
-COLOURS: Dict[str, Tuple[int, int, int]] = {
+COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (35, 165, 55),
     "blue": (35, 70, 215),
@@ -34,16 +37,16 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
 }
-COLOUR_NAMES: List[str] = list(COLOURS)
+COLOUR_NAMES: list[str] = list(COLOURS)
 # Circumscribed diameter of a shape as a fraction of the image side.
-SIZES: Dict[str, Tuple[float, float]] = {
+SIZES: dict[str, tuple[float, float]] = {
     "small": (0.14, 0.18),
     "medium": (0.22, 0.28),
     "large": (0.32, 0.40),
 }
-BACKGROUNDS: Tuple[str, ...] = ("gradient", "noisy", "striped", "checkered")
+BACKGROUNDS: tuple[str, ...] = ("gradient", "noisy", "striped", "checkered")
 # LVIS categories: every colour x shape pair, shape-major; id = index + 1 (LVIS ids are 1..K).
-LVIS_CATEGORY_NAMES: List[str] = [f"{c}_{s}" for s in SHAPE_NAMES for c in COLOUR_NAMES]
+LVIS_CATEGORY_NAMES: list[str] = [f"{c}_{s}" for s in SHAPE_NAMES for c in COLOUR_NAMES]
 _MIN_VISIBLE_FRACTION = 0.6
 
 
@@ -87,22 +90,20 @@ def _shape_vertices(shape: str, cx: float, cy: float, r: float, rot: float, aspe
         arm = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w)]
         pts = np.array(arm + [(-x, -y) for x, y in arm]) / np.hypot(1, w)  # tips on the circle
     else:
-        n, start = {"square": (4, np.pi / 4), "triangle": (3, -np.pi / 2), "hexagon": (6, 0)}[
-            shape
-        ]
+        n, start = {"square": (4, np.pi / 4), "triangle": (3, -np.pi / 2), "hexagon": (6, 0)}[shape]
         t = start + np.arange(n) * 2 * np.pi / n
         pts = np.stack([np.cos(t), np.sin(t)], 1)
     c, s = np.cos(rot), np.sin(rot)
     return pts @ np.array([[c, s], [-s, c]]) * r + np.array([cx, cy])
 
 
-def _polygon_mask(poly: List[float], size: int) -> np.ndarray:
+def _polygon_mask(poly: list[float], size: int) -> np.ndarray:
     """Rasterise a flat polygon with pycocotools, the code that decodes annotations, so
     painted pixels and annotation masks agree exactly."""
     return mask_util.decode(mask_util.frPyObjects([poly], size, size))[:, :, 0].astype(bool)
 
 
-def _outline_polygons(mask: np.ndarray) -> Tuple[List[List[float]], bool]:
+def _outline_polygons(mask: np.ndarray) -> tuple[list[list[float]], bool]:
     """Trace the pixel-edge outline of a binary mask.
 
     Returns (outer polygons as flat [x0, y0, x1, y1, ...] lists in pixel-corner coordinates,
@@ -112,7 +113,7 @@ def _outline_polygons(mask: np.ndarray) -> Tuple[List[List[float]], bool]:
     m = np.pad(mask.astype(bool), 1)
     inside = m[1:-1, 1:-1]
     # Directed boundary edges going clockwise (on screen) around each pixel, keyed by corner.
-    out: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+    out: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for outside, (ox, oy), d in (
         (~m[:-2, 1:-1], (0, 0), (1, 0)),  # top side, walked to the right
         (~m[1:-1, 2:], (1, 0), (0, 1)),  # right side, walked down
@@ -151,14 +152,14 @@ def _outline_polygons(mask: np.ndarray) -> Tuple[List[List[float]], bool]:
     return polygons, has_holes
 
 
-def _bbox_of(mask: np.ndarray) -> List[float]:
+def _bbox_of(mask: np.ndarray) -> list[float]:
     """Tight [x, y, w, h] box of a non-empty mask, in pixel-corner coordinates."""
     ys, xs = np.nonzero(mask)
     x0, y0 = float(xs.min()), float(ys.min())
     return [x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0]
 
 
-def _uncompressed_rle(mask: np.ndarray) -> Dict[str, Any]:
+def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO's uncompressed RLE (column-major run lengths, starting with a run of zeros), the
     encoding COCO itself uses for iscrowd regions."""
     flat = mask.ravel(order="F").astype(np.int8)
@@ -191,7 +192,7 @@ def _render_background(rng: np.random.Generator, kind: str, size: int) -> np.nda
     return c0 * (1 - t) + c1 * t
 
 
-def _acceptable(obj: Dict[str, Any], new_visible: np.ndarray, occluder: np.ndarray) -> bool:
+def _acceptable(obj: dict[str, Any], new_visible: np.ndarray, occluder: np.ndarray) -> bool:
     """Whether an earlier shape stays annotatable once ``occluder`` is drawn over it."""
     if new_visible.sum() < _MIN_VISIBLE_FRACTION * obj["full_area"]:
         return False
@@ -205,20 +206,20 @@ def _acceptable(obj: Dict[str, Any], new_visible: np.ndarray, occluder: np.ndarr
     return True
 
 
-def _sample_objects(rng: np.random.Generator, size: int, forced: List[int]):
+def _sample_objects(rng: np.random.Generator, size: int, forced: list[int]):
     """Place 1-5 shapes; ``forced`` holds LVIS category indices to use first (consumed).
 
     Returns (objects in drawing order, their visible boolean masks).
     """
     n_target = int(rng.integers(1, 6))
-    categories: List[int] = []
+    categories: list[int] = []
     while len(categories) < n_target:
         cat = forced.pop(0) if forced else int(rng.choice(len(_WEIGHTS), p=_WEIGHTS))
         # Groups of identical shapes give captions something to count ("two red circles").
         repeat = 1 + (int(rng.integers(1, 3)) if rng.random() < 0.25 else 0)
         categories += [cat] * min(repeat, n_target - len(categories))
-    objects: List[Dict[str, Any]] = []
-    visible: List[np.ndarray] = []
+    objects: list[dict[str, Any]] = []
+    visible: list[np.ndarray] = []
     for cat in categories:
         shape, colour = SHAPE_NAMES[cat // len(COLOURS)], COLOUR_NAMES[cat % len(COLOURS)]
         size_name = str(rng.choice(list(SIZES), p=[0.35, 0.35, 0.3]))
@@ -250,7 +251,7 @@ def _sample_objects(rng: np.random.Generator, size: int, forced: List[int]):
     return objects, visible
 
 
-def _sample_crowd(rng: np.random.Generator, size: int, visible: List[np.ndarray]):
+def _sample_crowd(rng: np.random.Generator, size: int, visible: list[np.ndarray]):
     """A cluster of 6-12 tiny shapes of one category, drawn under the shapes. COCO gets one
     iscrowd region for it, LVIS marks its category as not exhaustively annotated.
 
@@ -276,7 +277,7 @@ def _sample_crowd(rng: np.random.Generator, size: int, visible: List[np.ndarray]
     return None
 
 
-def _make_image(rng: np.random.Generator, size: int, forced: List[int], with_crowd: bool):
+def _make_image(rng: np.random.Generator, size: int, forced: list[int], with_crowd: bool):
     """Sample and paint one scene. Returns (uint8 HxWx3 image, scene dict, visible masks of
     the objects, visible mask of the crowd or None)."""
     background = str(rng.choice(BACKGROUNDS))
