@@ -62,6 +62,13 @@ def add_virtex_config(cfg: CN) -> None:
     _C.MODEL.VIRTEX.MAX_CAPTION_LENGTH = 30
     # Number of classes for multilabel_classification (COCO: 80 object categories).
     _C.MODEL.VIRTEX.NUM_MULTILABEL_CLASSES = 80
+    # Feed the ResNet channels-last (NHWC) images, so that every activation stays NHWC (the
+    # conv weights keep their NCHW layout: NHWC weights gain nothing more here and would make
+    # the fused SGD kernel copy them every step). oneDNN's CPU convolutions and batch norms run
+    # faster on it: R-50 forward + backward, batch 8, one thread, 2.52 s vs 2.73 s NCHW (median
+    # of 6). The numbers are the same to float rounding. False where NCHW is faster (not
+    # measured on a GPU, where cuDNN then converts the weights at every call).
+    _C.MODEL.VIRTEX.CHANNELS_LAST = True
 
     # Textual head: a transformer over caption tokens, cross-attending to the visual grid.
     _C.MODEL.VIRTEX.TEXTUAL_HEAD = CN()
@@ -173,7 +180,11 @@ def add_virtex_config(cfg: CN) -> None:
     _C.SOLVER.VIRTEX.COSINE_AFTER_WARMUP = True
     # Clip the norm of all gradients together (not per parameter as Detectron2's CLIP_GRADIENTS).
     _C.SOLVER.VIRTEX.CLIP_GRAD_NORM = 10.0
-    # Use torch.optim.SGD's fused/foreach kernels when available.
+    # True: SGD's fused kernel where PyTorch has one for the device (CPU, CUDA), else its
+    # foreach kernel, plus multi-tensor clipping (skipping the no-op rescale below the
+    # threshold) and Lookahead. The same numbers to float rounding; the R-50 L1_H1024 update
+    # (69M parameters) took ~0.1 s fused against ~0.5 s per tensor and ~0.8 s foreach on a
+    # shared 2-core CPU. False: one loop per tensor, as the reference does (for checks).
     _C.SOLVER.VIRTEX.FOREACH = True
 
     # What SOLVER.AMP.ENABLED means on a CPU (on a GPU it is Detectron2's fp16 AMPTrainer):

@@ -8,6 +8,7 @@ Keeping Lookahead's slow weights and step counter inside the optimiser's own ``s
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 
@@ -15,24 +16,35 @@ import torch
 from detectron2.solver import build_optimizer
 from detectron2.utils import comm
 from torch import nn
+from torch.profiler import record_function
 
 logger = logging.getLogger(__name__)
 
 
 class LookaheadSGD(torch.optim.SGD):
     """SGD whose ``step`` first clips the global gradient norm, then every ``k`` steps moves
-    slow weights ``alpha`` of the way to the fast ones and resets the fast weights to them."""
+    slow weights ``alpha`` of the way to the fast ones and resets the fast weights to them.
+
+    ``fused`` / ``foreach``: as ``torch.optim.SGD``; either also makes the clipping and the
+    Lookahead update multi-tensor (``torch._foreach_*``) instead of one loop per tensor.
+    """
 
     def __init__(self, params, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False, clip_grad_norm: float = 0.0,
                  lookahead_alpha: float = 0.5, lookahead_steps: int = 0,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None):
+        # ``fused`` only when asked for: PyTorch before 2.3 has no such argument.
+        kernel = {"foreach": foreach} if fused is None else {"foreach": foreach, "fused": fused}
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         nesterov=nesterov, foreach=foreach)
+                         nesterov=nesterov, **kernel)
+        # A fused SGD would let GradScaler hand it the loss scale instead of unscaling the
+        # gradients first, and the clipping below would then see scaled gradients.
+        self._step_supports_amp_scaling = False
         if lookahead_steps < 0 or not 0.0 < lookahead_alpha <= 1.0:
             raise ValueError(
                 f"bad Lookahead settings: alpha={lookahead_alpha}, k={lookahead_steps}"
             )
+        self.multi_tensor = bool(foreach or fused)
         self.clip_grad_norm = clip_grad_norm
         self.lookahead_alpha = lookahead_alpha
         self.lookahead_steps = lookahead_steps
@@ -44,27 +56,62 @@ class LookaheadSGD(torch.optim.SGD):
                     self.state[p]["lookahead_slow"] = p.detach().clone()
         self.last_grad_norm: float | None = None
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Which kernel runs the update is this process's choice, not part of the training
+        # state: a checkpoint written with another setting (or none) must not switch it.
+        keys = ("fused", "foreach")
+        kernels = [{k: g[k] for k in keys if k in g} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, kernel in zip(self.param_groups, kernels):
+            group.update(kernel)
+
     @torch.no_grad()
     def step(self, closure=None):
         if self.clip_grad_norm > 0:
-            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            norm = nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-            self.last_grad_norm = float(norm)
-        loss = super().step(closure)
+            with record_function("virtex.clip_grad_norm"):
+                self._clip()
+        with record_function("virtex.sgd_step"):
+            loss = super().step(closure)
         if self.lookahead_steps:
-            self._lookahead()
+            with record_function("virtex.lookahead"):
+                self._lookahead()
         return loss
 
+    def _clip(self) -> None:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not self.multi_tensor:
+            self.last_grad_norm = float(nn.utils.clip_grad_norm_(params, self.clip_grad_norm))
+            return
+        grads = [p.grad for p in params]
+        if not grads:
+            return
+        # clip_grad_norm_'s arithmetic, in float32 like it, with one kernel per step.
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self.last_grad_norm = float(norm)
+        # Below the threshold clip_grad_norm_ multiplies every gradient by exactly 1.0: a full
+        # read and write of all gradients that changes nothing, so it is skipped.
+        if self.last_grad_norm > self.clip_grad_norm:
+            torch._foreach_mul_(grads, float(self.clip_grad_norm / (norm + 1e-6)))
+
     def _lookahead(self) -> None:
+        fast, slow = [], []
         for group in self.param_groups:
             group["lookahead_counter"] += 1
-            sync = group["lookahead_counter"] % self.lookahead_steps == 0
-            if not sync:
+            if group["lookahead_counter"] % self.lookahead_steps:
                 continue
             for p in group["params"]:
-                slow = self.state[p]["lookahead_slow"]
-                slow.add_(p.detach() - slow, alpha=self.lookahead_alpha)
-                p.copy_(slow)
+                fast.append(p)
+                slow.append(self.state[p]["lookahead_slow"])
+        if not fast:
+            return
+        if self.multi_tensor:
+            # slow + alpha * (fast - slow) without materialising the difference.
+            torch._foreach_lerp_(slow, fast, self.lookahead_alpha)
+        else:
+            for p, s in zip(fast, slow):
+                s.add_(p - s, alpha=self.lookahead_alpha)
+        for p, s in zip(fast, slow):
+            p.copy_(s)
 
 
 def virtex_param_groups(model: nn.Module, base_lr: float, textual_lr: float,
@@ -96,8 +143,29 @@ def build_virtex_optimizer(cfg, model: nn.Module) -> LookaheadSGD:
         clip_grad_norm=v.CLIP_GRAD_NORM,
         lookahead_alpha=v.LOOKAHEAD.ALPHA,
         lookahead_steps=v.LOOKAHEAD.STEPS if v.LOOKAHEAD.ENABLED else 0,
-        foreach=True if v.FOREACH else None,
+        **multi_tensor_kwargs(model, v.FOREACH),
     )
+
+
+def multi_tensor_kwargs(model: nn.Module, enabled: bool) -> dict:
+    """``fused=True`` where PyTorch has a fused SGD kernel for the parameters' device (one pass
+    over weights, gradients and momentum: on a CPU several times faster than ``foreach``),
+    else ``foreach=True``; ``{}`` (a loop per tensor) when ``enabled`` is False."""
+    if not enabled:
+        return {}
+    try:  # PyTorch >= 2.4 has fused SGD on CPUs; setup.py allows older releases
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        supported = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        supported = set()
+    if "fused" not in inspect.signature(torch.optim.SGD).parameters:
+        supported = set()
+    params = list(model.parameters())
+    fusable = {p.device.type for p in params} <= supported and all(
+        p.dtype.is_floating_point for p in params
+    )
+    return {"fused": True} if fusable else {"foreach": True}
 
 
 def build_classification_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:

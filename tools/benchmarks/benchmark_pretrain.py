@@ -1,24 +1,31 @@
 #!/usr/bin/env python
-"""Throughput of a VirTex pretraining step against its CNN-only bound, in one run.
+"""Throughput of a VirTex pretraining step against its CNN-only bound and a reference-style step.
 
-Measures images/s and peak memory of
-  (a) the full VirTex training step: forward, backward, gradient clipping, SGD + Lookahead;
-  (b) the same Detectron2 ResNet trained alone with a linear classifier on pooled features,
-      same batch, plain SGD with momentum (the CNN-only bound);
+Step times, one process, the three steps alternating step by step (so that load changes hit
+all alike), images/s from the median step time of each:
+  (a) the full VirTex training step: forward, backward, gradient clipping, SGD + Lookahead, with
+      this repository's fast paths (channels-last ResNet, fused SGD, multi-tensor clipping and
+      Lookahead, bicaptioning's shared parts batched);
+  (b) the CNN-only bound: the same Detectron2 ResNet, same layout and batch, trained alone with
+      a linear classifier on pooled features, plain SGD with momentum (the same fused kernel);
+  (c') a reference-style step (tools/benchmarks/reference_step.py): torchvision ResNet,
+      nn.TransformerDecoder per direction run separately, one parameter group per parameter,
+      the reference's Lookahead loop and clip_grad_norm_;
+and, each in a fresh process so its peak memory (RSS on CPU, allocated on GPU) is its own, the
+peak memory and fvcore's FLOPs per image of (a), (b) and (c'). Also
   (c) the config's training data loader alone, with its configured workers;
   (d) the VirTex step in fp32 and with mixed precision (bf16 autocast on a CPU, fp16 autocast
-      with a GradScaler on a GPU), alternating steps in one process so that load changes hit
-      both alike; images/s from the median step time of each;
-prints fvcore's FLOP count per image for (a) and (b), and ends with the ratio (a)/(b).
-Each of (a)-(d) runs in a fresh process so peak memory (RSS on CPU, allocated on GPU) is its
-own. On a CPU without native bf16 (see virtex_d2.engine.amp) (d) still runs, emulated, and
-says so. ``--smoke``: a seconds-long run of every path (batch 2, 2 iterations, 64 px crops,
-no loader), to check the script works, not to measure.
+      with a GradScaler on a GPU), alternating steps in one process; on a CPU without native
+      bf16 (see virtex_d2.engine.amp) (d) still runs, emulated, and says so.
+Ends with the ratios (a)/(b) and (a)/(c') of images/s. ``--smoke``: a seconds-long run of every
+path (batch 2, 2 iterations, 64 px crops, no loader, all in one process), to check the script
+works, not to measure.
 
-    python tools/benchmarks/benchmark_pretrain.py --config-file configs/pretrain/bicaptioning_R_50_L1_H1024.yaml \
-        [--batch-size 16] [--iters 5] [--caption-length 15] [--json OUT] [KEY VALUE ...]
+    python tools/benchmarks/benchmark_pretrain.py \
+        [--config-file configs/pretrain/bicaptioning_R_50_L1_H1024.yaml] [--batch-size 16] \
+        [--iters 5] [--caption-length 15] [--json OUT] [KEY VALUE ...]
 
-Inputs for (a)/(b) are random 224 crops (the config's CROP_SIZE) and random captions of
+Inputs for (a)/(b)/(c') are random 224 crops (the config's CROP_SIZE) and random captions of
 ``--caption-length`` tokens, so no dataset is needed; (c) uses the config's training set, or the
 synthetic captions when that is not on disk (said in the output).
 """
@@ -28,61 +35,27 @@ import argparse
 import functools
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
 
-
-def _setup(args):
-    from detectron2.config import get_cfg
-
-    import virtex_d2
-
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = args.device
-    return cfg
+# Its modules sit next to this file; also when this file is imported as a module.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_steps import ABLATION, STEPS, bench_cfg, build_step, random_batch  # noqa: E402
 
 
-def _batch(cfg, batch_size, caption_length, device):
-    g = torch.Generator().manual_seed(0)
-    size = cfg.INPUT.VIRTEX.CROP_SIZE
-    vocab = cfg.MODEL.VIRTEX.VOCAB_SIZE
-    out = []
-    for _ in range(batch_size):
-        body = torch.randint(4, vocab, (caption_length - 2,), generator=g)
-        toks = torch.cat([torch.tensor([1]), body, torch.tensor([2])])
-        out.append({
-            "image": torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8),
-            "caption_tokens": toks,
-            "noitpac_tokens": torch.cat([toks[:1], toks[1:-1].flip(0), toks[-1:]]),
-            "masked_tokens": toks, "mlm_labels": toks * (torch.rand(len(toks), generator=g) < 0.15),
-            "token_bag": body.unique(), "labels": torch.tensor([0, 5]),
-        })
-    return out
-
-
-class CNNOnly(torch.nn.Module):
-    """Detectron2 ResNet + linear classifier on pooled features."""
-
-    def __init__(self, model, num_classes=1000):
-        super().__init__()
-        self.backbone = model.backbone
-        self.pixel_mean, self.pixel_std = model.pixel_mean, model.pixel_std
-        channels = self.backbone.output_shape()["res5"].channels
-        self.fc = torch.nn.Linear(channels, num_classes)
-
-    def forward(self, batch):
-        x = torch.stack([b["image"] for b in batch]).to(self.pixel_mean.device)
-        x = (x - self.pixel_mean) / self.pixel_std
-        logits = self.fc(self.backbone(x)["res5"].mean(dim=(2, 3)))
-        target = torch.zeros(len(batch), dtype=torch.long, device=x.device)
-        return {"loss_cls": torch.nn.functional.cross_entropy(logits, target)}
+def _setup(args, *extra_opts):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = [*args.opts, *extra_opts]
+    if not args.channels_last:
+        opts += ["MODEL.VIRTEX.CHANNELS_LAST", "False"]
+    return bench_cfg(args.config_file, opts, args.device)
 
 
 class _OneImage(torch.nn.Module):
@@ -103,62 +76,98 @@ def _peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure_model(which, args, queue):
-    from detectron2.modeling import build_model
+def _timed(step, batch, device) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) of one step."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    step(batch)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _alternate(steps: dict, batch, args) -> dict:
+    """Median step time of each of ``steps`` (name -> step function), one step of each in
+    turn, the order rotating, so that load changes hit all alike. Also the median CPU time:
+    on a shared machine a step's wall time also counts the time other processes held the
+    cores, its CPU time much less so."""
+    import statistics
+
+    from detectron2.utils.events import EventStorage
+
+    wall = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
+    order = list(steps)
+    with EventStorage():
+        for _ in range(args.warmup):
+            for name in order:
+                steps[name](batch)
+        for i in range(args.iters):
+            shift = i % len(order)
+            for name in order[shift:] + order[:shift]:
+                w, c = _timed(steps[name], batch, args.device)
+                wall[name].append(w)
+                cpu[name].append(c)
+    out = {}
+    for name in steps:
+        median = statistics.median(wall[name])
+        out[name] = {"median_step_s": median, "images_per_s": args.batch_size / median,
+                     "step_s": wall[name], "median_cpu_s": statistics.median(cpu[name]),
+                     "cpu_s": cpu[name]}
+    return out
+
+
+def _measure_alternating(args, queue):
+    """(a), (b), (c') in one process."""
+    cfg = _setup(args)
+    steps = {}
+    for which in STEPS:
+        model, steps[which] = build_step(which, cfg, args.device)
+        model.train()
+    queue.put(_alternate(steps, random_batch(cfg, args.batch_size, args.caption_length), args))
+
+
+def _measure_ablation(args, queue):
+    steps = {}
+    for label, (opts, batched) in ABLATION.items():
+        cfg = _setup(args, *opts)
+        model, steps[label] = build_step("virtex", cfg, args.device)
+        model.batched_bicaptioning = batched
+        model.train()
+    queue.put(_alternate(steps, random_batch(cfg, args.batch_size, args.caption_length), args))
+
+
+def _print_ablation(result: dict) -> None:
+    print(f"{'VirTex step, fast paths added in turn':50s}{'images/s':>9s}{'vs plain':>9s}"
+          f"{'CPU s/step':>11s}{'vs plain':>9s}")
+    plain = next(iter(result.values()))
+    for label, r in result.items():
+        print(f"{label:50s}{r['images_per_s']:9.2f}"
+              f"{r['images_per_s'] / plain['images_per_s']:8.2f}x{r['median_cpu_s']:11.2f}"
+              f"{plain['median_cpu_s'] / r['median_cpu_s']:8.2f}x")
+
+
+def _measure_peak(which, args, queue):
+    """Peak memory of warm-up steps plus one, and FLOPs per image, of one of STEPS alone."""
     from detectron2.utils.events import EventStorage
     from fvcore.nn import FlopCountAnalysis
 
-    from virtex_d2.solver import build_virtex_optimizer
-
     cfg = _setup(args)
-    with mock.patch("virtex_d2.data.vocabulary.resolve_tokenizer", return_value=None):
-        model = build_model(cfg)
-    if which == "cnn":
-        model = CNNOnly(model).to(args.device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
-                              foreach=True)
-    else:
-        opt = build_virtex_optimizer(cfg, model)
-    if args.channels_last:
-        model.backbone.to(memory_format=torch.channels_last)
-    batch = _batch(cfg, args.batch_size, args.caption_length, args.device)
-    amp = args.device.startswith("cuda") and cfg.SOLVER.AMP.ENABLED
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-
-    def step():
-        with torch.autocast("cuda", enabled=amp):
-            losses = model(batch)
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-
+    batch = random_batch(cfg, args.batch_size, args.caption_length)
+    model, step = build_step(which, cfg, args.device)
     model.train()
     with EventStorage():
-        for _ in range(args.warmup):
-            step()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
+        for _ in range(args.warmup + 1):
+            step(batch)
         peak = _peak_memory_mb(args.device)
         # FLOPs of one training-mode forward (fvcore counts one multiply-add as one flop).
         flops = FlopCountAnalysis(_OneImage(model, batch[0]), (batch[0]["image"][None],))
         flops.unsupported_ops_warnings(False)
         flops.uncalled_modules_warnings(False)
         gflops = flops.total() / 1e9
-    queue.put({"images_per_s": args.iters * args.batch_size / elapsed, "peak_mb": peak,
-               "gflops_per_image": gflops})
+    queue.put({"peak_mb": peak, "gflops_per_image": gflops})
 
 
 def _measure_precisions(args, queue):
@@ -175,9 +184,7 @@ def _measure_precisions(args, queue):
     with mock.patch("virtex_d2.data.vocabulary.resolve_tokenizer", return_value=None):
         model = build_model(cfg)
     opt = build_virtex_optimizer(cfg, model)
-    if args.channels_last:
-        model.backbone.to(memory_format=torch.channels_last)
-    batch = _batch(cfg, args.batch_size, args.caption_length, args.device)
+    batch = random_batch(cfg, args.batch_size, args.caption_length)
     cuda = args.device.startswith("cuda")
     device_type = "cuda" if cuda else "cpu"
     amp_dtype = torch.float16 if cuda else torch.bfloat16
@@ -233,7 +240,8 @@ def _measure_loader(args, queue):
     try:
         DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     except (FileNotFoundError, OSError) as e:
-        note = f"{cfg.DATASETS.TRAIN[0]} not on disk ({type(e).__name__}); used synthetic_captions_train"
+        note = (f"{cfg.DATASETS.TRAIN[0]} not on disk ({type(e).__name__}); "
+                "used synthetic_captions_train")
         cfg.DATASETS.TRAIN = ("synthetic_captions_train",)
         cfg.MODEL.VIRTEX.TOKENIZER = "synthetic://"
         cfg.MODEL.VIRTEX.VOCAB_SIZE = _synthetic_vocab_size()
@@ -314,9 +322,14 @@ def main(argv=None):
                    help="tokens per caption including [SOS]/[EOS] (COCO's mean is ~13)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: torch's); on a machine whose cores other jobs "
+                        "share, 1 avoids threads waiting for a descheduled partner")
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--skip-precision", action="store_true", help="skip (d)")
     p.add_argument("--only-precision", action="store_true", help="run (d) alone")
+    p.add_argument("--ablation", action="store_true",
+                   help="only the VirTex step with its fast paths added one at a time")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run of every path (batch 2, 2 iterations, 64 px, no loader)")
     p.add_argument("--json")
@@ -327,10 +340,21 @@ def main(argv=None):
         args.skip_loader = True
         args.opts = [*args.opts, "INPUT.VIRTEX.CROP_SIZE", "64"]
 
+    if args.ablation:
+        ablation = _run(_measure_ablation, args)
+        print(f"{args.config_file}, batch {args.batch_size}, {args.caption_length}-token "
+              f"captions, {args.threads or torch.get_num_threads()} threads, alternating step "
+              f"by step, median of {args.iters} each; load average {os.getloadavg()[0]:.1f}")
+        _print_ablation(ablation)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ablation": ablation, "argv": argv or sys.argv[1:]}, f, indent=2)
+        return
     precision = None if args.skip_precision else _run(_measure_precisions, args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"{args.config_file} on {device}, batch {args.batch_size}, "
-          f"{args.caption_length}-token captions, {args.iters} timed iterations")
+          f"{args.caption_length}-token captions, {args.iters} timed iterations, "
+          f"{args.threads or torch.get_num_threads()} threads")
     if args.only_precision:
         _print_precision(precision, args)
         if args.json:
@@ -338,28 +362,43 @@ def main(argv=None):
                 json.dump({"device": device, "precision": precision, "smoke": args.smoke,
                            "argv": sys.argv[1:] if argv is None else list(argv)}, f, indent=2)
         return
-    full = _run(functools.partial(_measure_model, "virtex"), args)
-    cnn = _run(functools.partial(_measure_model, "cnn"), args)
+    timing = _run(_measure_alternating, args)
+    peaks = {which: _run(functools.partial(_measure_peak, which), args) for which in STEPS}
     loader = None if args.skip_loader else _run(_measure_loader, args)
-    print(f"{'':34s}{'images/s':>10s}{'peak MB':>10s}{'GFLOPs/img':>12s}")
-    print(f"{'(a) VirTex step (+clip, Lookahead)':34s}{full['images_per_s']:10.2f}"
-          f"{full['peak_mb']:10.0f}{full['gflops_per_image']:12.2f}")
-    print(f"{'(b) ResNet + linear (CNN bound)':34s}{cnn['images_per_s']:10.2f}"
-          f"{cnn['peak_mb']:10.0f}{cnn['gflops_per_image']:12.2f}")
+    results = {which: {**timing[which], **peaks[which]} for which in STEPS}
+    print(f"(a), (b), (c') alternating step by step, median of {args.iters} each; peak memory "
+          "and FLOPs each in its own process")
+    print(f"{'':38s}{'images/s':>10s}{'CPU s/step':>11s}{'peak MB':>10s}{'GFLOPs/img':>12s}")
+    for which, label in STEPS.items():
+        r = results[which]
+        print(f"{label:38s}{r['images_per_s']:10.2f}{r['median_cpu_s']:11.2f}"
+              f"{r['peak_mb']:10.0f}{r['gflops_per_image']:12.2f}")
     if loader:
-        print(f"{'(c) data loader, %d workers' % loader['workers']:34s}"
+        print(f"{'(c) data loader, %d workers' % loader['workers']:38s}"
               f"{loader['images_per_s']:10.2f}{loader['peak_mb']:10.0f}")
         if loader["note"]:
             print(f"    note: {loader['note']}")
     if precision:
         _print_precision(precision, args)
-    ratio = full["images_per_s"] / cnn["images_per_s"]
+    ratio = results["virtex"]["images_per_s"] / results["cnn"]["images_per_s"]
+    ratio_reference = results["virtex"]["images_per_s"] / results["reference"]["images_per_s"]
+    cpu = {k: r["median_cpu_s"] for k, r in results.items()}
+    cpu_ratios = {"ratio": cpu["cnn"] / cpu["virtex"],
+                  "ratio_reference": cpu["reference"] / cpu["virtex"]}
+    load = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "virtex": full, "cnn_only": cnn, "loader": loader,
-                       "precision": precision, "ratio": ratio, "smoke": args.smoke,
+            json.dump({"device": device, "virtex": results["virtex"], "cnn_only": results["cnn"],
+                       "reference": results["reference"], "loader": loader,
+                       "precision": precision, "ratio": ratio,
+                       "ratio_reference": ratio_reference, "cpu_time_ratios": cpu_ratios,
+                       "load_average": load,
+                       "smoke": args.smoke,
                        "argv": sys.argv[1:] if argv is None else list(argv)}, f, indent=2)
-    print(f"ratio (a)/(b) images/s: {ratio:.3f}")
+    print(f"ratio (a)/(b) images/s: {ratio:.3f}   (a)/(c'): {ratio_reference:.2f}x   "
+          f"(load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})")
+    print(f"by CPU time per step:   {cpu_ratios['ratio']:.3f}            "
+          f"{cpu_ratios['ratio_reference']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
+from torch.profiler import record_function
 
 from ..config import CAPTIONING_TASKS, DECODERS, PRETRAINING_TASKS
 from ..data.tokenizer import EOS_ID, PAD_ID, SOS_ID
@@ -23,10 +24,29 @@ from .decoding import beam_search, greedy_decode, nucleus_sample
 from .reference_decoding import ban_last_token, reference_beam_search, reference_nucleus_sample
 from .textual_head import build_textual_head
 
+# torch.profiler ranges of the two directions' transformers (tools/benchmarks/profile_pretrain.py).
+_DIRECTION_RANGES = ("virtex.forward_transformer", "virtex.backward_transformer")
+
 
 def pad_tokens(seqs: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Right-pad variable-length token tensors with PAD_ID: -> (B, L_max)."""
     return nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=PAD_ID).to(device)
+
+
+def normalized_images(images: list[torch.Tensor], pixel_mean: torch.Tensor,
+                      pixel_std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """(3, H, W) images (any dtype, any device) -> one normalised float batch (B, 3, H', W') on
+    ``pixel_mean``'s device, zero-padded to the largest size, channels-last if asked."""
+    device = pixel_mean.device
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if all(im.shape == images[0].shape for im in images):
+        # Equal crops (pretraining): one stacked batch, moved and normalised once, instead of a
+        # normalised copy per image plus ImageList's padded copy of them all.
+        dtype = torch.promote_types(images[0].dtype, pixel_mean.dtype)
+        x = torch.stack(images).to(device, dtype, memory_format=layout)
+        return x.sub_(pixel_mean).div_(pixel_std)
+    normalized = [(im.to(device) - pixel_mean) / pixel_std for im in images]
+    return ImageList.from_tensors(normalized, 0).tensor.contiguous(memory_format=layout)
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,12 +81,15 @@ class VirTex(nn.Module):
         top_p: float = 0.9,
         seed: int = 0,
         use_cache: bool = True,
+        channels_last: bool = False,
     ):
         super().__init__()
         if task not in PRETRAINING_TASKS:
             raise ValueError(f"MODEL.VIRTEX.TASK must be one of {PRETRAINING_TASKS}, got {task!r}")
         if decoder not in DECODERS:
-            raise ValueError(f"MODEL.VIRTEX.DECODER.NAME must be one of {DECODERS}, got {decoder!r}")
+            raise ValueError(
+                f"MODEL.VIRTEX.DECODER.NAME must be one of {DECODERS}, got {decoder!r}"
+            )
         self.backbone = backbone
         self.task = task
         self.textual_head = textual_head
@@ -76,6 +99,12 @@ class VirTex(nn.Module):
         self.per_node_beam_size = per_node_beam_size
         self.length_penalty, self.top_p, self.seed = length_penalty, top_p, seed
         self.use_cache = use_cache
+        # Only the activations: channels-last conv weights would make the fused SGD kernel
+        # copy them to NCHW and back at every step (and would be saved in that layout).
+        self.channels_last = channels_last
+        # Bicaptioning computes the embedding, output layer and loss of both directions in one
+        # call each; False runs ``caption_loss`` per direction (the same numbers, for checks).
+        self.batched_bicaptioning = True
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -87,7 +116,8 @@ class VirTex(nn.Module):
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
         out = backbone.output_shape()
         if list(out) != ["res5"] and len(out) != 1:
-            raise ValueError(f"VirTex uses one visual grid; set MODEL.RESNETS.OUT_FEATURES ['res5'], got {list(out)}")
+            raise ValueError("VirTex uses one visual grid; set MODEL.RESNETS.OUT_FEATURES "
+                             f"['res5'], got {list(out)}")
         channels = next(iter(out.values())).channels
         args = {
             "backbone": backbone,
@@ -102,6 +132,7 @@ class VirTex(nn.Module):
             "top_p": v.DECODER.TOP_P,
             "seed": v.DECODER.SEED,
             "use_cache": v.DECODER.USE_CACHE,
+            "channels_last": v.CHANNELS_LAST,
         }
         if v.TASK in (*CAPTIONING_TASKS, "masked_lm"):
             args["textual_head"] = build_textual_head(
@@ -122,10 +153,10 @@ class VirTex(nn.Module):
 
     def visual_features(self, batched_inputs: list[dict]) -> torch.Tensor:
         """Normalised images -> the backbone's last grid (B, C, h, w)."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]
-        images = ImageList.from_tensors(images, 0)
-        features = self.backbone(images.tensor)
+        x = normalized_images([x["image"] for x in batched_inputs], self.pixel_mean,
+                              self.pixel_std, self.channels_last)
+        with record_function("virtex.backbone"):
+            features = self.backbone(x)
         return next(iter(features.values()))
 
     def forward(self, batched_inputs: list[dict]):
@@ -139,24 +170,64 @@ class VirTex(nn.Module):
         """Next-token cross-entropy; tokens (B, L) with [SOS] first. Logits are computed only
         at non-padding targets (the 10K-way output layer dominates the head's cost)."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        memory = self.textual_head.memory(visual, direction)
-        hidden, _ = self.textual_head(
-            inputs, memory, direction, causal=True, key_padding=inputs == PAD_ID
-        )
+        with record_function(_DIRECTION_RANGES[direction]):
+            memory = self.textual_head.memory(visual, direction)
+            hidden, _ = self.textual_head(
+                inputs, memory, direction, causal=True, key_padding=inputs == PAD_ID
+            )
         keep = targets != PAD_ID
-        logits = self.textual_head.logits(hidden[keep])
-        return F.cross_entropy(logits, targets[keep])
+        with record_function("virtex.output_layer"):
+            logits = self.textual_head.logits(hidden[keep])
+        with record_function("virtex.loss"):
+            return F.cross_entropy(logits, targets[keep])
+
+    def bicaption_losses(self, visual, tokens: torch.Tensor, back: torch.Tensor) -> dict:
+        """``caption_loss`` of both directions (tokens, back: (B, L), the same lengths), with
+        what they share done once: the embedding lookup and the output layer run on both
+        directions' tokens at once (one product with the 10K x H matrix, and two dense
+        gradients of it to sum instead of four). The transformers have separate weights and
+        run in turn:
+        batching them would mean stacking their weights every step, and on a CPU the
+        products are large enough already. Equal to ``caption_loss`` up to float rounding."""
+        head = self.textual_head
+        b = tokens.shape[0]
+        inputs = torch.cat([tokens[:, :-1], back[:, :-1]])
+        targets = torch.cat([tokens[:, 1:], back[:, 1:]])
+        with record_function("virtex.embedding"):
+            x = head.embedding(inputs)
+        padding = inputs == PAD_ID
+        hidden = []
+        for direction, (x_dir, pad_dir) in enumerate(zip(x.split(b), padding.split(b))):
+            with record_function(_DIRECTION_RANGES[direction]):
+                memory = head.memory(visual, direction)
+                mask = head.attention_mask(inputs.shape[1], inputs.device, True, pad_dir)
+                hidden.append(head.decoder(direction)(x_dir, memory, mask)[0])
+        hidden = torch.cat(hidden)
+        keep = targets != PAD_ID
+        n_forward = int(keep[:b].sum())
+        with record_function("virtex.output_layer"):
+            logits = head.logits(hidden[keep])
+        targets = targets[keep]
+        with record_function("virtex.loss"):
+            # Separate calls keep each direction's mean exactly as caption_loss computes it.
+            return {
+                "loss_caption_forward": F.cross_entropy(logits[:n_forward], targets[:n_forward]),
+                "loss_caption_backward": F.cross_entropy(logits[n_forward:], targets[n_forward:]),
+            }
 
     def losses(self, features: torch.Tensor, batched_inputs: list[dict]) -> dict:
         device = self.device
         if self.task in CAPTIONING_TASKS:
-            visual = self.textual_head.project_visual(features)
+            with record_function("virtex.visual_projection"):
+                visual = self.textual_head.project_visual(features)
             tokens = pad_tokens([x["caption_tokens"] for x in batched_inputs], device)
-            losses = {"loss_caption_forward": self.caption_loss(visual, tokens, 0)}
             if self.task == "bicaptioning":
                 back = pad_tokens([x["noitpac_tokens"] for x in batched_inputs], device)
-                losses["loss_caption_backward"] = self.caption_loss(visual, back, 1)
-            return losses
+                if self.batched_bicaptioning and back.shape == tokens.shape:
+                    return self.bicaption_losses(visual, tokens, back)
+                return {"loss_caption_forward": self.caption_loss(visual, tokens, 0),
+                        "loss_caption_backward": self.caption_loss(visual, back, 1)}
+            return {"loss_caption_forward": self.caption_loss(visual, tokens, 0)}
         if self.task == "masked_lm":
             visual = self.textual_head.project_visual(features)
             tokens = pad_tokens([x["masked_tokens"] for x in batched_inputs], device)

@@ -103,17 +103,34 @@ class TransformerTextualHead(nn.Module):
         positions ``start_position...`` and earlier keys/values come from the caches.
         """
         x = self.embedding(tokens, start_position)
-        length = tokens.shape[1]
+        mask = self.attention_mask(tokens.shape[1], tokens.device, causal, key_padding,
+                                   caches is not None, start_position)
+        return self.decoder(direction)(x, memory_kv, mask, caches, need_weights)
+
+    @staticmethod
+    def attention_mask(
+        length: int,
+        device: torch.device,
+        causal: bool = True,
+        key_padding: Optional[torch.Tensor] = None,
+        cached: bool = False,
+        start_position: int = 0,
+    ) -> Optional[torch.Tensor]:
+        """Self-attention mask of ``length`` new positions (True = may attend), or None.
+
+        ``key_padding``: (B, L) bool, True at padding; with it the mask is (B, 1, L, L).
+        ``cached``: the keys also hold ``start_position`` earlier (cached) positions.
+        """
         mask = None
-        if causal and (caches is None or length > 1):
-            mask = causal_mask(length, tokens.device)
-            if caches is not None and start_position > 0:
-                past = torch.ones(length, start_position, dtype=torch.bool, device=tokens.device)
+        if causal and (not cached or length > 1):
+            mask = causal_mask(length, device)
+            if cached and start_position > 0:
+                past = torch.ones(length, start_position, dtype=torch.bool, device=device)
                 mask = torch.cat([past, mask], dim=1)
         if key_padding is not None:
             keep = ~key_padding[:, None, None, :]
             mask = keep if mask is None else mask[None, None] & keep
-        return self.decoder(direction)(x, memory_kv, mask, caches, need_weights)
+        return mask
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., vocab_size)."""

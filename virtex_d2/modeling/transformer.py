@@ -37,6 +37,15 @@ class MultiHeadAttention(nn.Module):
         h = w.shape[1]
         return self._heads(F.linear(x, w[:h], b[:h]))
 
+    def project_query_key_value(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention: q, k and v of the same input in one product with the packed weight,
+        whose gradient then comes out whole (slices of it would each be zero-padded to the
+        full (3H, H) and summed in the backward pass)."""
+        q, k, v = F.linear(x, self.in_proj.weight, self.in_proj.bias).chunk(3, dim=-1)
+        return self._heads(q), self._heads(k), self._heads(v)
+
     def project_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = self.in_proj.weight, self.in_proj.bias
         h = w.shape[1]
@@ -89,8 +98,7 @@ class DecoderLayer(nn.Module):
         self.norm_first = norm_first
 
     def _self_block(self, x, mask, cache):
-        q = self.self_attn.project_query(x)
-        k, v = self.self_attn.project_key_value(x)
+        q, k, v = self.self_attn.project_query_key_value(x)
         if cache is not None:
             # Earlier positions' keys/values do not change when tokens are appended (causal
             # masking), so they are reused instead of recomputed.
