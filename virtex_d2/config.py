@@ -10,11 +10,12 @@
   name the file, the key and the fix (:class:`ConfigError`), then checks that need the whole
   config. ``tools/train_net.py`` and every tool build their config with it.
 """
+
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg

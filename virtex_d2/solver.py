@@ -6,6 +6,7 @@ Keeping Lookahead's slow weights and step counter inside the optimiser's own ``s
 ``param_groups`` means Detectron2's checkpointer saves and restores them with no extra code, and
 ``GradScaler.step`` (AMP) unscales gradients before the clipping inside ``step`` sees them.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,14 +30,25 @@ class LookaheadSGD(torch.optim.SGD):
     Lookahead update multi-tensor (``torch._foreach_*``) instead of one loop per tensor.
     """
 
-    def __init__(self, params, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 nesterov: bool = False, clip_grad_norm: float = 0.0,
-                 lookahead_alpha: float = 0.5, lookahead_steps: int = 0,
-                 foreach: bool | None = None, fused: bool | None = None):
+    def __init__(
+        self,
+        params,
+        *,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        clip_grad_norm: float = 0.0,
+        lookahead_alpha: float = 0.5,
+        lookahead_steps: int = 0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ):
         # ``fused`` only when asked for: PyTorch before 2.3 has no such argument.
         kernel = {"foreach": foreach} if fused is None else {"foreach": foreach, "fused": fused}
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         nesterov=nesterov, **kernel)
+        super().__init__(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, **kernel
+        )
         # A fused SGD would let GradScaler hand it the loss scale instead of unscaling the
         # gradients first, and the clipping below would then see scaled gradients.
         self._step_supports_amp_scaling = False
@@ -114,8 +126,9 @@ class LookaheadSGD(torch.optim.SGD):
             p.copy_(s)
 
 
-def virtex_param_groups(model: nn.Module, base_lr: float, textual_lr: float,
-                        weight_decay: float, no_decay_pattern: str) -> list[dict]:
+def virtex_param_groups(
+    model: nn.Module, base_lr: float, textual_lr: float, weight_decay: float, no_decay_pattern: str
+) -> list[dict]:
     """Backbone parameters at ``base_lr``; every other parameter (textual head, projections,
     classifiers) at ``textual_lr``; no weight decay where the name matches ``no_decay_pattern``.
     Tied parameters appear once."""
@@ -133,8 +146,7 @@ def virtex_param_groups(model: nn.Module, base_lr: float, textual_lr: float,
 def build_virtex_optimizer(cfg, model: nn.Module) -> LookaheadSGD:
     s = cfg.SOLVER
     v = s.VIRTEX
-    groups = virtex_param_groups(model, s.BASE_LR, v.TEXTUAL_LR, s.WEIGHT_DECAY,
-                                 v.NO_DECAY_PATTERN)
+    groups = virtex_param_groups(model, s.BASE_LR, v.TEXTUAL_LR, s.WEIGHT_DECAY, v.NO_DECAY_PATTERN)
     return LookaheadSGD(
         groups,
         lr=s.BASE_LR,

@@ -29,6 +29,7 @@ Inputs for (a)/(b)/(c') are random 224 crops (the config's CROP_SIZE) and random
 ``--caption-length`` tokens, so no dataset is needed; (c) uses the config's training set, or the
 synthetic captions when that is not on disk (said in the output).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,9 +114,13 @@ def _alternate(steps: dict, batch, args) -> dict:
     out = {}
     for name in steps:
         median = statistics.median(wall[name])
-        out[name] = {"median_step_s": median, "images_per_s": args.batch_size / median,
-                     "step_s": wall[name], "median_cpu_s": statistics.median(cpu[name]),
-                     "cpu_s": cpu[name]}
+        out[name] = {
+            "median_step_s": median,
+            "images_per_s": args.batch_size / median,
+            "step_s": wall[name],
+            "median_cpu_s": statistics.median(cpu[name]),
+            "cpu_s": cpu[name],
+        }
     return out
 
 
@@ -140,13 +145,17 @@ def _measure_ablation(args, queue):
 
 
 def _print_ablation(result: dict) -> None:
-    print(f"{'VirTex step, fast paths added in turn':50s}{'images/s':>9s}{'vs plain':>9s}"
-          f"{'CPU s/step':>11s}{'vs plain':>9s}")
+    print(
+        f"{'VirTex step, fast paths added in turn':50s}{'images/s':>9s}{'vs plain':>9s}"
+        f"{'CPU s/step':>11s}{'vs plain':>9s}"
+    )
     plain = next(iter(result.values()))
     for label, r in result.items():
-        print(f"{label:50s}{r['images_per_s']:9.2f}"
-              f"{r['images_per_s'] / plain['images_per_s']:8.2f}x{r['median_cpu_s']:11.2f}"
-              f"{plain['median_cpu_s'] / r['median_cpu_s']:8.2f}x")
+        print(
+            f"{label:50s}{r['images_per_s']:9.2f}"
+            f"{r['images_per_s'] / plain['images_per_s']:8.2f}x{r['median_cpu_s']:11.2f}"
+            f"{plain['median_cpu_s'] / r['median_cpu_s']:8.2f}x"
+        )
 
 
 def _measure_peak(which, args, queue):
@@ -220,14 +229,18 @@ def _measure_precisions(args, queue):
     name = "fp16" if cuda else "bf16"
     medians = {"fp32": statistics.median(times[False]), name: statistics.median(times[True])}
     native, why = (True, "GPU") if cuda else cpu_bf16_support()
-    queue.put({
-        "amp_dtype": name,
-        "native": native,
-        "why": why,
-        **{k: {"median_step_s": v, "images_per_s": args.batch_size / v}
-           for k, v in medians.items()},
-        "speedup": medians["fp32"] / medians[name],
-    })
+    queue.put(
+        {
+            "amp_dtype": name,
+            "native": native,
+            "why": why,
+            **{
+                k: {"median_step_s": v, "images_per_s": args.batch_size / v}
+                for k, v in medians.items()
+            },
+            "speedup": medians["fp32"] / medians[name],
+        }
+    )
 
 
 def _measure_loader(args, queue):
@@ -240,8 +253,10 @@ def _measure_loader(args, queue):
     try:
         DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     except (FileNotFoundError, OSError) as e:
-        note = (f"{cfg.DATASETS.TRAIN[0]} not on disk ({type(e).__name__}); "
-                "used synthetic_captions_train")
+        note = (
+            f"{cfg.DATASETS.TRAIN[0]} not on disk ({type(e).__name__}); "
+            "used synthetic_captions_train"
+        )
         cfg.DATASETS.TRAIN = ("synthetic_captions_train",)
         cfg.MODEL.VIRTEX.TOKENIZER = "synthetic://"
         cfg.MODEL.VIRTEX.VOCAB_SIZE = _synthetic_vocab_size()
@@ -259,8 +274,14 @@ def _measure_loader(args, queue):
     import gc
 
     gc.collect()
-    queue.put({"images_per_s": n / elapsed, "peak_mb": _peak_memory_mb("cpu"),
-               "workers": cfg.DATALOADER.NUM_WORKERS, "note": note})
+    queue.put(
+        {
+            "images_per_s": n / elapsed,
+            "peak_mb": _peak_memory_mb("cpu"),
+            "workers": cfg.DATALOADER.NUM_WORKERS,
+            "note": note,
+        }
+    )
 
 
 def _synthetic_vocab_size() -> int:
@@ -306,10 +327,12 @@ def _run(target, args):
 
 def _print_precision(precision: dict, args) -> None:
     mixed = precision["amp_dtype"]
-    print(f"(d) VirTex step, alternating, median of {args.iters}: fp32 "
-          f"{precision['fp32']['images_per_s']:.2f} vs {mixed} "
-          f"{precision[mixed]['images_per_s']:.2f} images/s = {precision['speedup']:.2f}x "
-          f"({'native' if precision['native'] else 'EMULATED'}: {precision['why']})")
+    print(
+        f"(d) VirTex step, alternating, median of {args.iters}: fp32 "
+        f"{precision['fp32']['images_per_s']:.2f} vs {mixed} "
+        f"{precision[mixed]['images_per_s']:.2f} images/s = {precision['speedup']:.2f}x "
+        f"({'native' if precision['native'] else 'EMULATED'}: {precision['why']})"
+    )
 
 
 def main(argv=None):
@@ -318,20 +341,33 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--caption-length", type=int, default=15,
-                   help="tokens per caption including [SOS]/[EOS] (COCO's mean is ~13)")
+    p.add_argument(
+        "--caption-length",
+        type=int,
+        default=15,
+        help="tokens per caption including [SOS]/[EOS] (COCO's mean is ~13)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--threads", type=int,
-                   help="torch threads (default: torch's); on a machine whose cores other jobs "
-                        "share, 1 avoids threads waiting for a descheduled partner")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's); on a machine whose cores other jobs "
+        "share, 1 avoids threads waiting for a descheduled partner",
+    )
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--skip-precision", action="store_true", help="skip (d)")
     p.add_argument("--only-precision", action="store_true", help="run (d) alone")
-    p.add_argument("--ablation", action="store_true",
-                   help="only the VirTex step with its fast paths added one at a time")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny run of every path (batch 2, 2 iterations, 64 px, no loader)")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="only the VirTex step with its fast paths added one at a time",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run of every path (batch 2, 2 iterations, 64 px, no loader)",
+    )
     p.add_argument("--json")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args(argv)
@@ -342,9 +378,11 @@ def main(argv=None):
 
     if args.ablation:
         ablation = _run(_measure_ablation, args)
-        print(f"{args.config_file}, batch {args.batch_size}, {args.caption_length}-token "
-              f"captions, {args.threads or torch.get_num_threads()} threads, alternating step "
-              f"by step, median of {args.iters} each; load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"{args.config_file}, batch {args.batch_size}, {args.caption_length}-token "
+            f"captions, {args.threads or torch.get_num_threads()} threads, alternating step "
+            f"by step, median of {args.iters} each; load average {os.getloadavg()[0]:.1f}"
+        )
         _print_ablation(ablation)
         if args.json:
             with open(args.json, "w") as f:
@@ -352,30 +390,46 @@ def main(argv=None):
         return
     precision = None if args.skip_precision else _run(_measure_precisions, args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"{args.config_file} on {device}, batch {args.batch_size}, "
-          f"{args.caption_length}-token captions, {args.iters} timed iterations, "
-          f"{args.threads or torch.get_num_threads()} threads")
+    print(
+        f"{args.config_file} on {device}, batch {args.batch_size}, "
+        f"{args.caption_length}-token captions, {args.iters} timed iterations, "
+        f"{args.threads or torch.get_num_threads()} threads"
+    )
     if args.only_precision:
         _print_precision(precision, args)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"device": device, "precision": precision, "smoke": args.smoke,
-                           "argv": sys.argv[1:] if argv is None else list(argv)}, f, indent=2)
+                json.dump(
+                    {
+                        "device": device,
+                        "precision": precision,
+                        "smoke": args.smoke,
+                        "argv": sys.argv[1:] if argv is None else list(argv),
+                    },
+                    f,
+                    indent=2,
+                )
         return
     timing = _run(_measure_alternating, args)
     peaks = {which: _run(functools.partial(_measure_peak, which), args) for which in STEPS}
     loader = None if args.skip_loader else _run(_measure_loader, args)
     results = {which: {**timing[which], **peaks[which]} for which in STEPS}
-    print(f"(a), (b), (c') alternating step by step, median of {args.iters} each; peak memory "
-          "and FLOPs each in its own process")
+    print(
+        f"(a), (b), (c') alternating step by step, median of {args.iters} each; peak memory "
+        "and FLOPs each in its own process"
+    )
     print(f"{'':38s}{'images/s':>10s}{'CPU s/step':>11s}{'peak MB':>10s}{'GFLOPs/img':>12s}")
     for which, label in STEPS.items():
         r = results[which]
-        print(f"{label:38s}{r['images_per_s']:10.2f}{r['median_cpu_s']:11.2f}"
-              f"{r['peak_mb']:10.0f}{r['gflops_per_image']:12.2f}")
+        print(
+            f"{label:38s}{r['images_per_s']:10.2f}{r['median_cpu_s']:11.2f}"
+            f"{r['peak_mb']:10.0f}{r['gflops_per_image']:12.2f}"
+        )
     if loader:
-        print(f"{'(c) data loader, %d workers' % loader['workers']:38s}"
-              f"{loader['images_per_s']:10.2f}{loader['peak_mb']:10.0f}")
+        print(
+            f"{'(c) data loader, %d workers' % loader['workers']:38s}"
+            f"{loader['images_per_s']:10.2f}{loader['peak_mb']:10.0f}"
+        )
         if loader["note"]:
             print(f"    note: {loader['note']}")
     if precision:
@@ -383,22 +437,39 @@ def main(argv=None):
     ratio = results["virtex"]["images_per_s"] / results["cnn"]["images_per_s"]
     ratio_reference = results["virtex"]["images_per_s"] / results["reference"]["images_per_s"]
     cpu = {k: r["median_cpu_s"] for k, r in results.items()}
-    cpu_ratios = {"ratio": cpu["cnn"] / cpu["virtex"],
-                  "ratio_reference": cpu["reference"] / cpu["virtex"]}
+    cpu_ratios = {
+        "ratio": cpu["cnn"] / cpu["virtex"],
+        "ratio_reference": cpu["reference"] / cpu["virtex"],
+    }
     load = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "virtex": results["virtex"], "cnn_only": results["cnn"],
-                       "reference": results["reference"], "loader": loader,
-                       "precision": precision, "ratio": ratio,
-                       "ratio_reference": ratio_reference, "cpu_time_ratios": cpu_ratios,
-                       "load_average": load,
-                       "smoke": args.smoke,
-                       "argv": sys.argv[1:] if argv is None else list(argv)}, f, indent=2)
-    print(f"ratio (a)/(b) images/s: {ratio:.3f}   (a)/(c'): {ratio_reference:.2f}x   "
-          f"(load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})")
-    print(f"by CPU time per step:   {cpu_ratios['ratio']:.3f}            "
-          f"{cpu_ratios['ratio_reference']:.2f}x")
+            json.dump(
+                {
+                    "device": device,
+                    "virtex": results["virtex"],
+                    "cnn_only": results["cnn"],
+                    "reference": results["reference"],
+                    "loader": loader,
+                    "precision": precision,
+                    "ratio": ratio,
+                    "ratio_reference": ratio_reference,
+                    "cpu_time_ratios": cpu_ratios,
+                    "load_average": load,
+                    "smoke": args.smoke,
+                    "argv": sys.argv[1:] if argv is None else list(argv),
+                },
+                f,
+                indent=2,
+            )
+    print(
+        f"ratio (a)/(b) images/s: {ratio:.3f}   (a)/(c'): {ratio_reference:.2f}x   "
+        f"(load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})"
+    )
+    print(
+        f"by CPU time per step:   {cpu_ratios['ratio']:.3f}            "
+        f"{cpu_ratios['ratio_reference']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

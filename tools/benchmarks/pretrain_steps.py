@@ -1,5 +1,6 @@
 """The training steps tools/benchmarks/benchmark_pretrain.py and profile_pretrain.py time, and
 their random inputs: (a) VirTex, (b) its CNN-only bound, (c') the reference-style step."""
+
 from __future__ import annotations
 
 import functools
@@ -31,13 +32,17 @@ def random_batch(cfg, batch_size: int, caption_length: int) -> list[dict]:
     for _ in range(batch_size):
         body = torch.randint(4, vocab, (caption_length - 2,), generator=g)
         toks = torch.cat([torch.tensor([1]), body, torch.tensor([2])])
-        out.append({
-            "image": torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8),
-            "caption_tokens": toks,
-            "noitpac_tokens": torch.cat([toks[:1], toks[1:-1].flip(0), toks[-1:]]),
-            "masked_tokens": toks, "mlm_labels": toks * (torch.rand(len(toks), generator=g) < 0.15),
-            "token_bag": body.unique(), "labels": torch.tensor([0, 5]),
-        })
+        out.append(
+            {
+                "image": torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8),
+                "caption_tokens": toks,
+                "noitpac_tokens": torch.cat([toks[:1], toks[1:-1].flip(0), toks[-1:]]),
+                "masked_tokens": toks,
+                "mlm_labels": toks * (torch.rand(len(toks), generator=g) < 0.15),
+                "token_bag": body.unique(),
+                "labels": torch.tensor([0, 5]),
+            }
+        )
     return out
 
 
@@ -55,22 +60,28 @@ class CNNOnly(torch.nn.Module):
     def forward(self, batch):
         from virtex_d2.modeling.meta_arch import normalized_images
 
-        x = normalized_images([b["image"] for b in batch], self.pixel_mean, self.pixel_std,
-                              self.channels_last)
+        x = normalized_images(
+            [b["image"] for b in batch], self.pixel_mean, self.pixel_std, self.channels_last
+        )
         logits = self.fc(self.backbone(x)["res5"].mean(dim=(2, 3)))
         target = torch.zeros(len(batch), dtype=torch.long, device=x.device)
         return {"loss_cls": torch.nn.functional.cross_entropy(logits, target)}
 
 
-STEPS = {"virtex": "(a) VirTex step (+clip, Lookahead)", "cnn": "(b) ResNet + linear (CNN bound)",
-         "reference": "(c') reference-style step"}
+STEPS = {
+    "virtex": "(a) VirTex step (+clip, Lookahead)",
+    "cnn": "(b) ResNet + linear (CNN bound)",
+    "reference": "(c') reference-style step",
+}
 
 
 # The VirTex step with its fast paths switched on one after the other: (config overrides,
 # batched bicaptioning). The last one is (a).
 ABLATION = {
     "plain (NCHW, per-tensor loops, directions apart)": (
-        ["MODEL.VIRTEX.CHANNELS_LAST", "False", "SOLVER.VIRTEX.FOREACH", "False"], False),
+        ["MODEL.VIRTEX.CHANNELS_LAST", "False", "SOLVER.VIRTEX.FOREACH", "False"],
+        False,
+    ),
     "+ channels-last ResNet input": (["SOLVER.VIRTEX.FOREACH", "False"], False),
     "+ fused SGD, multi-tensor clip + Lookahead": ([], False),
     "+ bicaptioning's shared parts batched (= (a))": ([], True),
@@ -89,14 +100,20 @@ def build_step(which: str, cfg, device: str):
     if which == "reference":
         model, opt = build_reference(cfg)
         clip = cfg.SOLVER.VIRTEX.CLIP_GRAD_NORM
-        return model, functools.partial(reference_step, model, opt, clip=clip, amp=amp,
-                                         scaler=scaler)
+        return model, functools.partial(
+            reference_step, model, opt, clip=clip, amp=amp, scaler=scaler
+        )
     with mock.patch("virtex_d2.data.vocabulary.resolve_tokenizer", return_value=None):
         model = build_model(cfg)
     if which == "cnn":
         model = CNNOnly(model).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
-                              **multi_tensor_kwargs(model, cfg.SOLVER.VIRTEX.FOREACH))
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=1e-4,
+            **multi_tensor_kwargs(model, cfg.SOLVER.VIRTEX.FOREACH),
+        )
     else:
         opt = build_virtex_optimizer(cfg, model)
 
@@ -114,5 +131,3 @@ def build_step(which: str, cfg, device: str):
             opt.step()
 
     return model, step
-
-

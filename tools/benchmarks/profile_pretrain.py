@@ -26,6 +26,7 @@ of one op from waiting for a descheduled partner.
 ``MODEL.VIRTEX.CHANNELS_LAST False SOLVER.VIRTEX.FOREACH False``; ``--unbatched`` runs
 bicaptioning's two directions through ``caption_loss`` one after the other.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,12 +116,16 @@ def format_table(result: dict) -> str:
     claimed += unattributed
     rows.append(("backward, unattributed (grad accumulation)", 0.0, unattributed))
     rows.append(("other (input, zero_grad, Python)", step - claimed, 0.0))
-    lines = [f"{'part':44s}{'forward':>10s}{'backward':>10s}{'total':>10s}{'% step':>8s}",
-             f"{'':44s}{'ms':>10s}{'ms':>10s}{'ms':>10s}"]
+    lines = [
+        f"{'part':44s}{'forward':>10s}{'backward':>10s}{'total':>10s}{'% step':>8s}",
+        f"{'':44s}{'ms':>10s}{'ms':>10s}{'ms':>10s}",
+    ]
     for label, f, b in rows:
         lines.append(f"{label:44s}{f:10.1f}{b:10.1f}{f + b:10.1f}{100 * (f + b) / step:8.1f}")
-    lines.append(f"{'backward pass, total':44s}{'':10s}{result['backward_total']:10.1f}"
-                 f"{result['backward_total']:10.1f}{100 * result['backward_total'] / step:8.1f}")
+    lines.append(
+        f"{'backward pass, total':44s}{'':10s}{result['backward_total']:10.1f}"
+        f"{result['backward_total']:10.1f}{100 * result['backward_total'] / step:8.1f}"
+    )
     lines.append(f"{'step':44s}{'':10s}{'':10s}{step:10.1f}{100.0:8.1f}")
     return "\n".join(lines)
 
@@ -134,8 +139,9 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--unbatched", action="store_true",
-                   help="bicaptioning: one caption_loss call per direction")
+    p.add_argument(
+        "--unbatched", action="store_true", help="bicaptioning: one caption_loss call per direction"
+    )
     p.add_argument("--trace", help="also write a Chrome trace here")
     p.add_argument("--json")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[])
@@ -174,17 +180,20 @@ def main(argv=None) -> dict:
     if args.trace:
         prof.export_chrome_trace(args.trace)
     result = breakdown(prof.events(), args.steps)
-    print(f"{args.config_file}, batch {args.batch_size}, {args.caption_length}-token captions, "
-          f"{args.device}, {torch.get_num_threads()} threads; {args.steps} profiled steps after "
-          f"{args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
-    print(f"options: {' '.join(args.opts) or 'defaults'}"
-          f"{', unbatched bicaptioning' if args.unbatched else ''}")
+    print(
+        f"{args.config_file}, batch {args.batch_size}, {args.caption_length}-token captions, "
+        f"{args.device}, {torch.get_num_threads()} threads; {args.steps} profiled steps after "
+        f"{args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"options: {' '.join(args.opts) or 'defaults'}"
+        f"{', unbatched bicaptioning' if args.unbatched else ''}"
+    )
     print(format_table(result))
     print(f"wall time per profiled step {wall * 1e3:.0f} ms (profiler overhead included)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**result, "wall_ms": wall * 1e3, "argv": argv or sys.argv[1:]}, f,
-                      indent=2)
+            json.dump({**result, "wall_ms": wall * 1e3, "argv": argv or sys.argv[1:]}, f, indent=2)
     return result
 
 

@@ -19,6 +19,7 @@ What it copies from the reference, from reading ``virtex/models/captioning.py``,
 
 Same sizes as the VirTex config it is built from; the weights are random.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,20 +42,31 @@ NO_DECAY = r".*textual.(embedding|transformer).*(norm.*|bias)"
 
 
 class ReferenceTextualHead(nn.Module):
-    def __init__(self, visual_channels: int, vocab_size: int, hidden: int, layers: int,
-                 heads: int, feedforward: int, dropout: float, max_length: int):
+    def __init__(
+        self,
+        visual_channels: int,
+        vocab_size: int,
+        hidden: int,
+        layers: int,
+        heads: int,
+        feedforward: int,
+        dropout: float,
+        max_length: int,
+    ):
         super().__init__()
         self.vocab_size = vocab_size
         self.visual_projection = nn.Linear(visual_channels, hidden)
         self.embedding = WordAndPositionalEmbedding(vocab_size, hidden, dropout, max_length)
-        layer = nn.TransformerDecoderLayer(hidden, heads, dim_feedforward=feedforward,
-                                           dropout=dropout, activation="gelu")
+        layer = nn.TransformerDecoderLayer(
+            hidden, heads, dim_feedforward=feedforward, dropout=dropout, activation="gelu"
+        )
         self.transformer = nn.TransformerDecoder(layer, layers)
         self.output = nn.Linear(hidden, vocab_size)
         self.output.weight = self.embedding.words.weight
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor,
-                lengths: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
         b, c = features.shape[:2]
         visual = self.visual_projection(features.view(b, c, -1).permute(0, 2, 1))
         length = tokens.shape[1]
@@ -62,8 +74,9 @@ class ReferenceTextualHead(nn.Module):
         x = self.embedding(tokens)
         future = torch.triu(torch.ones(length, length, dtype=x.dtype, device=x.device), 1)
         future = future.masked_fill(future == 1, float("-inf"))
-        out = self.transformer(x.transpose(0, 1), visual.transpose(0, 1), tgt_mask=future,
-                               tgt_key_padding_mask=padding)
+        out = self.transformer(
+            x.transpose(0, 1), visual.transpose(0, 1), tgt_mask=future, tgt_key_padding_mask=padding
+        )
         return self.output(out.transpose(0, 1))
 
 
@@ -78,18 +91,23 @@ class ReferenceBicaptioning(nn.Module):
         cnn = getattr(torchvision.models, name)(weights=None, zero_init_residual=True)
         channels = cnn.fc.in_features
         self.cnn = nn.Sequential(*list(cnn.children())[:-2])
-        self.textual = ReferenceTextualHead(channels, v.VOCAB_SIZE, t.HIDDEN_SIZE, t.NUM_LAYERS,
-                                            t.NUM_HEADS, t.FEEDFORWARD_SIZE, t.DROPOUT,
-                                            v.MAX_CAPTION_LENGTH)
+        self.textual = ReferenceTextualHead(
+            channels,
+            v.VOCAB_SIZE,
+            t.HIDDEN_SIZE,
+            t.NUM_LAYERS,
+            t.NUM_HEADS,
+            t.FEEDFORWARD_SIZE,
+            t.DROPOUT,
+            v.MAX_CAPTION_LENGTH,
+        )
         self.backward_textual = copy.deepcopy(self.textual)
         self.backward_textual.visual_projection = self.textual.visual_projection
         self.backward_textual.embedding = self.textual.embedding
         self.backward_textual.output = self.textual.output
         self.loss = nn.CrossEntropyLoss(ignore_index=PAD_ID)
-        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1),
-                             False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1),
-                             False)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
 
     def forward(self, batch: list[dict]) -> dict:
         device = self.pixel_mean.device
@@ -102,11 +120,15 @@ class ReferenceBicaptioning(nn.Module):
         back = pad([x["noitpac_tokens"] for x in batch], batch_first=True).to(device)
         lengths = torch.tensor([len(x["caption_tokens"]) for x in batch], device=device)
         losses = {}
-        for key, head, toks in (("loss_caption_forward", self.textual, tokens),
-                                ("loss_caption_backward", self.backward_textual, back)):
+        for key, head, toks in (
+            ("loss_caption_forward", self.textual, tokens),
+            ("loss_caption_backward", self.backward_textual, back),
+        ):
             logits = head(features, toks, lengths)
-            losses[key] = self.loss(logits[:, :-1].contiguous().view(-1, head.vocab_size),
-                                    toks[:, 1:].contiguous().view(-1))
+            losses[key] = self.loss(
+                logits[:, :-1].contiguous().view(-1, head.vocab_size),
+                toks[:, 1:].contiguous().view(-1),
+            )
         return losses
 
 
@@ -150,8 +172,14 @@ def build_reference(cfg) -> tuple[nn.Module, ReferenceLookahead]:
     return model, ReferenceLookahead(sgd, la.STEPS if la.ENABLED else 1 << 30, la.ALPHA)
 
 
-def reference_step(model: nn.Module, optimizer: ReferenceLookahead, batch: list[dict],
-                   clip: float, amp: bool = False, scaler=None) -> None:
+def reference_step(
+    model: nn.Module,
+    optimizer: ReferenceLookahead,
+    batch: list[dict],
+    clip: float,
+    amp: bool = False,
+    scaler=None,
+) -> None:
     """One iteration of the reference's training loop (scripts/pretrain_virtex.py)."""
     optimizer.zero_grad()
     with torch.autocast("cuda", enabled=amp):

@@ -5,9 +5,8 @@ scalar losses, in eval a list of per-image predictions (``{"caption": str, "toke
 for the captioning tasks, ``{"scores": Tensor(K)}`` for the classification tasks).
 Each input dict comes from ``CaptionDatasetMapper``.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +32,12 @@ def pad_tokens(seqs: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=PAD_ID).to(device)
 
 
-def normalized_images(images: list[torch.Tensor], pixel_mean: torch.Tensor,
-                      pixel_std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+def normalized_images(
+    images: list[torch.Tensor],
+    pixel_mean: torch.Tensor,
+    pixel_std: torch.Tensor,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """(3, H, W) images (any dtype, any device) -> one normalised float batch (B, 3, H', W') on
     ``pixel_mean``'s device, zero-padded to the largest size, channels-last if asked."""
     device = pixel_mean.device
@@ -68,8 +71,8 @@ class VirTex(nn.Module):
         *,
         backbone: nn.Module,
         task: str,
-        textual_head: Optional[nn.Module] = None,
-        classifier: Optional[nn.Module] = None,
+        textual_head: nn.Module | None = None,
+        classifier: nn.Module | None = None,
         pixel_mean: tuple[float, ...],
         pixel_std: tuple[float, ...],
         tokenizer=None,
@@ -116,8 +119,10 @@ class VirTex(nn.Module):
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
         out = backbone.output_shape()
         if list(out) != ["res5"] and len(out) != 1:
-            raise ValueError("VirTex uses one visual grid; set MODEL.RESNETS.OUT_FEATURES "
-                             f"['res5'], got {list(out)}")
+            raise ValueError(
+                "VirTex uses one visual grid; set MODEL.RESNETS.OUT_FEATURES "
+                f"['res5'], got {list(out)}"
+            )
         channels = next(iter(out.values())).channels
         args = {
             "backbone": backbone,
@@ -153,8 +158,12 @@ class VirTex(nn.Module):
 
     def visual_features(self, batched_inputs: list[dict]) -> torch.Tensor:
         """Normalised images -> the backbone's last grid (B, C, h, w)."""
-        x = normalized_images([x["image"] for x in batched_inputs], self.pixel_mean,
-                              self.pixel_std, self.channels_last)
+        x = normalized_images(
+            [x["image"] for x in batched_inputs],
+            self.pixel_mean,
+            self.pixel_std,
+            self.channels_last,
+        )
         with record_function("virtex.backbone"):
             features = self.backbone(x)
         return next(iter(features.values()))
@@ -225,16 +234,19 @@ class VirTex(nn.Module):
                 back = pad_tokens([x["noitpac_tokens"] for x in batched_inputs], device)
                 if self.batched_bicaptioning and back.shape == tokens.shape:
                     return self.bicaption_losses(visual, tokens, back)
-                return {"loss_caption_forward": self.caption_loss(visual, tokens, 0),
-                        "loss_caption_backward": self.caption_loss(visual, back, 1)}
+                return {
+                    "loss_caption_forward": self.caption_loss(visual, tokens, 0),
+                    "loss_caption_backward": self.caption_loss(visual, back, 1),
+                }
             return {"loss_caption_forward": self.caption_loss(visual, tokens, 0)}
         if self.task == "masked_lm":
             visual = self.textual_head.project_visual(features)
             tokens = pad_tokens([x["masked_tokens"] for x in batched_inputs], device)
             labels = pad_tokens([x["mlm_labels"] for x in batched_inputs], device)
             memory = self.textual_head.memory(visual, 0)
-            hidden, _ = self.textual_head(tokens, memory, 0, causal=False,
-                                          key_padding=tokens == PAD_ID)
+            hidden, _ = self.textual_head(
+                tokens, memory, 0, causal=False, key_padding=tokens == PAD_ID
+            )
             keep = labels != PAD_ID
             logits = self.textual_head.logits(hidden[keep])
             return {"loss_masked_lm": F.cross_entropy(logits, labels[keep])}
@@ -253,9 +265,7 @@ class VirTex(nn.Module):
     def inference(self, features: torch.Tensor, batched_inputs: list[dict]) -> list[dict]:
         if self.task in CAPTIONING_TASKS:
             token_lists = self.generate(features)
-            return [
-                {"caption": self.tokenizer.decode(t), "tokens": t} for t in token_lists
-            ]
+            return [{"caption": self.tokenizer.decode(t), "tokens": t} for t in token_lists]
         if self.task == "masked_lm":
             # A bidirectional model cannot generate captions; nothing to predict per image.
             return [{} for _ in batched_inputs]
@@ -290,20 +300,23 @@ class VirTex(nn.Module):
         return step, reorder
 
     @torch.no_grad()
-    def generate(self, features: torch.Tensor, decoder: Optional[str] = None,
-                 use_cache: Optional[bool] = None) -> list[list[int]]:
+    def generate(
+        self, features: torch.Tensor, decoder: str | None = None, use_cache: bool | None = None
+    ) -> list[list[int]]:
         """Captions (token ids without [SOS]/[EOS]) for a grid (B, C, h, w), left to right."""
         decoder = decoder or self.decoder
         use_cache = self.use_cache if use_cache is None else use_cache
         visual = self.textual_head.project_visual(features)
         b = visual.shape[0]
-        common = dict(sos=SOS_ID, eos=EOS_ID, max_length=self.max_decode_length,
-                      device=visual.device)
+        common = dict(
+            sos=SOS_ID, eos=EOS_ID, max_length=self.max_decode_length, device=visual.device
+        )
         if decoder == "beam":
             visual = visual.repeat_interleave(self.beam_size, dim=0)
             step, reorder = self.make_step(visual, use_cache)
-            tokens, _ = beam_search(step, reorder, b, self.beam_size,
-                                    length_penalty=self.length_penalty, **common)
+            tokens, _ = beam_search(
+                step, reorder, b, self.beam_size, length_penalty=self.length_penalty, **common
+            )
             return tokens
         if decoder == "reference_beam":
             return self._reference_beam(visual, use_cache)
@@ -311,8 +324,14 @@ class VirTex(nn.Module):
         gen = torch.Generator(device=visual.device).manual_seed(self.seed)
         if decoder == "reference_nucleus":
             return reference_nucleus_sample(
-                lambda prefix: ban_last_token(step(prefix), prefix), b, SOS_ID, EOS_ID,
-                self.max_decode_length, visual.device, top_p=self.top_p, generator=gen,
+                lambda prefix: ban_last_token(step(prefix), prefix),
+                b,
+                SOS_ID,
+                EOS_ID,
+                self.max_decode_length,
+                visual.device,
+                top_p=self.top_p,
+                generator=gen,
             )
         if decoder == "greedy":
             return greedy_decode(step, b, **common)

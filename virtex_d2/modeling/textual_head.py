@@ -2,9 +2,8 @@
 
 Heads are registered in ``TEXTUAL_HEAD_REGISTRY`` and built from ``MODEL.VIRTEX.TEXTUAL_HEAD``.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from detectron2.utils.registry import Registry
@@ -50,8 +49,13 @@ class TransformerTextualHead(nn.Module):
 
         def stack() -> TransformerDecoder:
             return TransformerDecoder(
-                t.NUM_LAYERS, t.HIDDEN_SIZE, t.NUM_HEADS, t.FEEDFORWARD_SIZE, t.DROPOUT,
-                t.NORM_FIRST, t.PRE_NORM_FINAL_NORM,
+                t.NUM_LAYERS,
+                t.HIDDEN_SIZE,
+                t.NUM_HEADS,
+                t.FEEDFORWARD_SIZE,
+                t.DROPOUT,
+                t.NORM_FIRST,
+                t.PRE_NORM_FINAL_NORM,
             )
 
         self.transformer = stack()
@@ -92,8 +96,8 @@ class TransformerTextualHead(nn.Module):
         memory_kv,
         direction: int = 0,
         causal: bool = True,
-        key_padding: Optional[torch.Tensor] = None,
-        caches: Optional[list[dict]] = None,
+        key_padding: torch.Tensor | None = None,
+        caches: list[dict] | None = None,
         start_position: int = 0,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -103,8 +107,9 @@ class TransformerTextualHead(nn.Module):
         positions ``start_position...`` and earlier keys/values come from the caches.
         """
         x = self.embedding(tokens, start_position)
-        mask = self.attention_mask(tokens.shape[1], tokens.device, causal, key_padding,
-                                   caches is not None, start_position)
+        mask = self.attention_mask(
+            tokens.shape[1], tokens.device, causal, key_padding, caches is not None, start_position
+        )
         return self.decoder(direction)(x, memory_kv, mask, caches, need_weights)
 
     @staticmethod
@@ -112,10 +117,10 @@ class TransformerTextualHead(nn.Module):
         length: int,
         device: torch.device,
         causal: bool = True,
-        key_padding: Optional[torch.Tensor] = None,
+        key_padding: torch.Tensor | None = None,
         cached: bool = False,
         start_position: int = 0,
-    ) -> Optional[torch.Tensor]:
+    ) -> torch.Tensor | None:
         """Self-attention mask of ``length`` new positions (True = may attend), or None.
 
         ``key_padding``: (B, L) bool, True at padding; with it the mask is (B, 1, L, L).

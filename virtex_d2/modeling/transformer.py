@@ -5,9 +5,8 @@ values of earlier positions, and so that cross-attention weights can be returned
 maps. Parameter shapes and counts equal PyTorch's layer (packed q/k/v projection + output
 projection per attention, two feed-forward linears, three LayerNorms).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +56,9 @@ class MultiHeadAttention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
+        mask: torch.Tensor | None = None,
         need_weights: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q: (B, heads, Lq, d); k, v: (B, heads, Lk, d); mask: bool, True = may attend,
         broadcastable to (B, heads, Lq, Lk). Returns (B, Lq, H) and optionally the weights
         (B, heads, Lq, Lk)."""
@@ -84,8 +83,14 @@ class DecoderLayer(nn.Module):
     Post-norm (``norm_first=False``, the paper's default) or pre-norm.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, feedforward_size: int,
-                 dropout: float = 0.1, norm_first: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        feedforward_size: int,
+        dropout: float = 0.1,
+        norm_first: bool = False,
+    ):
         super().__init__()
         self.self_attn = MultiHeadAttention(hidden_size, num_heads, dropout)
         self.cross_attn = MultiHeadAttention(hidden_size, num_heads, dropout)
@@ -121,10 +126,10 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         memory_kv: tuple[torch.Tensor, torch.Tensor],
-        self_mask: Optional[torch.Tensor] = None,
-        cache: Optional[dict] = None,
+        self_mask: torch.Tensor | None = None,
+        cache: dict | None = None,
         need_weights: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, L, H); memory_kv: cross-attention keys/values (B, heads, N, d) each.
         Returns (B, L, H) and cross-attention weights (B, heads, L, N) if asked for."""
         if self.norm_first:
@@ -143,8 +148,16 @@ class DecoderLayer(nn.Module):
 class TransformerDecoder(nn.Module):
     """A stack of ``DecoderLayer``s (plus a final LayerNorm for pre-norm stacks)."""
 
-    def __init__(self, num_layers: int, hidden_size: int, num_heads: int, feedforward_size: int,
-                 dropout: float = 0.1, norm_first: bool = False, final_norm: bool = True):
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        num_heads: int,
+        feedforward_size: int,
+        dropout: float = 0.1,
+        norm_first: bool = False,
+        final_norm: bool = True,
+    ):
         super().__init__()
         self.layers = nn.ModuleList(
             DecoderLayer(hidden_size, num_heads, feedforward_size, dropout, norm_first)
@@ -164,8 +177,8 @@ class TransformerDecoder(nn.Module):
         self,
         x: torch.Tensor,
         memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        self_mask: Optional[torch.Tensor] = None,
-        caches: Optional[list[dict]] = None,
+        self_mask: torch.Tensor | None = None,
+        caches: list[dict] | None = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x: (B, L, H) -> (B, L, H), plus per-layer cross-attention weights if asked for."""

@@ -1,5 +1,8 @@
 """The fast pretraining step (channels-last ResNet input, batched bicaptioning, fused SGD,
 multi-tensor clipping and Lookahead) computes what the plain step computes, to float rounding."""
+
+from __future__ import annotations
+
 import copy
 from unittest import mock
 
@@ -21,21 +24,32 @@ def tiny_cfg(*opts):
     cfg = get_cfg()
     virtex_d2.add_virtex_config(cfg)
     cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu",
-        "MODEL.VIRTEX.VOCAB_SIZE", str(VOCAB),
-        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE", "32",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", "64",
-        # Dropout draws different masks when both directions share one embedding call, and
-        # zero-initialised residual norms would leave most backbone gradients exactly zero.
-        "MODEL.VIRTEX.TEXTUAL_HEAD.DROPOUT", "0.0",
-        "MODEL.RESNETS.ZERO_INIT_RESIDUAL", "False",
-        # Small enough that the step clips, and Lookahead syncs at the first step.
-        "SOLVER.VIRTEX.CLIP_GRAD_NORM", "0.5",
-        "SOLVER.VIRTEX.LOOKAHEAD.STEPS", "1",
-        *opts,
-    ])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.VIRTEX.VOCAB_SIZE",
+            str(VOCAB),
+            "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
+            "32",
+            "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
+            "2",
+            "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
+            "64",
+            # Dropout draws different masks when both directions share one embedding call, and
+            # zero-initialised residual norms would leave most backbone gradients exactly zero.
+            "MODEL.VIRTEX.TEXTUAL_HEAD.DROPOUT",
+            "0.0",
+            "MODEL.RESNETS.ZERO_INIT_RESIDUAL",
+            "False",
+            # Small enough that the step clips, and Lookahead syncs at the first step.
+            "SOLVER.VIRTEX.CLIP_GRAD_NORM",
+            "0.5",
+            "SOLVER.VIRTEX.LOOKAHEAD.STEPS",
+            "1",
+            *opts,
+        ]
+    )
     return cfg
 
 
@@ -52,11 +66,13 @@ def batch(lengths=(9, 6, 4), size=48):
     for n in lengths:
         body = torch.randint(4, VOCAB, (n - 2,), generator=g)
         toks = torch.cat([torch.tensor([1]), body, torch.tensor([2])])
-        out.append({
-            "image": torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8),
-            "caption_tokens": toks,
-            "noitpac_tokens": torch.cat([toks[:1], toks[1:-1].flip(0), toks[-1:]]),
-        })
+        out.append(
+            {
+                "image": torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8),
+                "caption_tokens": toks,
+                "noitpac_tokens": torch.cat([toks[:1], toks[1:-1].flip(0), toks[-1:]]),
+            }
+        )
     return out
 
 
@@ -89,8 +105,7 @@ def worst_difference(model_a, model_b, data, prefix: str = "") -> float:
     name starts with ``prefix``."""
     losses_a, grads_a = losses_and_grads(model_a, data)
     losses_b, grads_b = losses_and_grads(model_b, data)
-    assert losses_a.keys() == losses_b.keys() == {"loss_caption_forward",
-                                                   "loss_caption_backward"}
+    assert losses_a.keys() == losses_b.keys() == {"loss_caption_forward", "loss_caption_backward"}
     assert grads_a.keys() == grads_b.keys()
     errors = [relative_error(losses_a[k], losses_b[k]) for k in losses_a]
     errors += [relative_error(grads_a[k], grads_b[k]) for k in grads_a if k.startswith(prefix)]
@@ -116,11 +131,14 @@ def test_fast_step_in_float32_equals_plain_to_rounding():
     assert worst_difference(fast, plain, batch()) <= 1e-5
 
 
-@pytest.mark.parametrize("name", [
-    "textual_head.backward_transformer.layers.0.linear2.weight",
-    "textual_head.transformer.layers.0.cross_attn.in_proj.weight",
-    "backbone.res4.0.conv1.weight",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "textual_head.backward_transformer.layers.0.linear2.weight",
+        "textual_head.transformer.layers.0.cross_attn.in_proj.weight",
+        "backbone.res4.0.conv1.weight",
+    ],
+)
 def test_comparison_catches_a_perturbed_weight(name):
     fast, plain = fast_and_plain(torch.float64)
     with torch.no_grad():
@@ -151,8 +169,7 @@ def optimizer_difference(**overrides) -> float:
     grads_by_name = {n: grads.get(n, torch.zeros_like(p)) for n, p in named.items()}
     for model, foreach, extra in ((fast, True, overrides), (plain, False, {})):
         params = dict(model.named_parameters())
-        optimizer_step(model, {params[n]: g for n, g in grads_by_name.items()}, foreach,
-                       **extra)
+        optimizer_step(model, {params[n]: g for n, g in grads_by_name.items()}, foreach, **extra)
     fast_params, plain_params = dict(fast.named_parameters()), dict(plain.named_parameters())
     return max(relative_error(fast_params[n], plain_params[n]) for n in fast_params)
 
@@ -174,8 +191,11 @@ def test_self_attention_projection_in_one_product_equals_the_slices():
     outs, grads = [], []
     for packed in (True, False):
         attn.zero_grad()
-        qkv = (attn.project_query_key_value(x) if packed
-               else (attn.project_query(x), *attn.project_key_value(x)))
+        qkv = (
+            attn.project_query_key_value(x)
+            if packed
+            else (attn.project_query(x), *attn.project_key_value(x))
+        )
         sum((t * torch.arange(t.numel()).view(t.shape).cos()).sum() for t in qkv).backward()
         outs.append(torch.cat([t.flatten() for t in qkv]))
         grads.append(torch.cat([attn.in_proj.weight.grad.flatten(), attn.in_proj.bias.grad]))
@@ -217,8 +237,10 @@ def test_loading_a_plain_optimizer_state_keeps_the_fused_kernel():
 def test_unequal_images_are_padded_like_detectron2():
     mean, std = torch.tensor([1.0, 2.0, 3.0]).view(-1, 1, 1), torch.tensor([2.0, 2.0, 4.0])
     std = std.view(-1, 1, 1)
-    images = [torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8),
-              torch.randint(0, 256, (3, 6, 4), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 6, 4), dtype=torch.uint8),
+    ]
     out = normalized_images(images, mean, std, channels_last=True)
     assert out.shape == (2, 3, 6, 7) and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out[0, :, :5, :7], (images[0] - mean) / std)
@@ -228,15 +250,36 @@ def test_unequal_images_are_padded_like_detectron2():
 
 def test_profile_attributes_forward_and_backward_to_parts():
     profile = load_tool("profile_pretrain")
-    result = profile.main(["--config-file", CONFIG, "--batch-size", "2", "--steps", "1",
-                           "--warmup", "1", "--caption-length", "6",
-                           "MODEL.VIRTEX.TOKENIZER", "synthetic://",
-                           "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE", "32",
-                           "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS", "2",
-                           "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE", "64",
-                           "INPUT.VIRTEX.CROP_SIZE", "32"])
-    for part in ("virtex.backbone", "virtex.forward_transformer",
-                 "virtex.backward_transformer", "virtex.output_layer"):
+    result = profile.main(
+        [
+            "--config-file",
+            CONFIG,
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--caption-length",
+            "6",
+            "MODEL.VIRTEX.TOKENIZER",
+            "synthetic://",
+            "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
+            "32",
+            "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
+            "2",
+            "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
+            "64",
+            "INPUT.VIRTEX.CROP_SIZE",
+            "32",
+        ]
+    )
+    for part in (
+        "virtex.backbone",
+        "virtex.forward_transformer",
+        "virtex.backward_transformer",
+        "virtex.output_layer",
+    ):
         assert result["forward"][part] > 0 and result["backward"][part] > 0, part
     for part in ("virtex.clip_grad_norm", "virtex.sgd_step", "virtex.lookahead"):
         assert result["forward"][part] > 0, part
