@@ -152,3 +152,36 @@ def sigkill_when_marker_appears(cmd: list, marker: Path, *, cwd, env, limit_s: f
             proc.wait()
         proc.stderr.close()
     return proc.returncode
+
+
+# tools/train_net.py's training plus a hook that, after iteration ``kill_after``, creates
+# ``marker`` and waits to be SIGKILLed (by sigkill_when_marker_appears): a run killed in the
+# middle of a checkpoint period. Run as ``python -c KILLED_TRAIN_NET.format(...) ARGS``.
+KILLED_TRAIN_NET = """
+import sys, time
+sys.path.insert(0, {tools!r})
+import train_net
+from detectron2.engine import HookBase
+from virtex_d2.engine.trainer import Trainer
+
+class Freeze(HookBase):
+    def after_step(self):
+        if self.trainer.iter == {kill_after}:
+            open({marker!r}, "w").close()
+            time.sleep(600)
+
+args = train_net.default_argument_parser().parse_args(sys.argv[1:])
+trainer = Trainer(train_net.setup(args))
+trainer.resume_or_load(resume=False)
+trainer.register_hooks([Freeze()])
+trainer.train()
+"""
+
+
+def training_env(synthetic: dict) -> dict:
+    """Environment of a training subprocess on the test's synthetic data. One thread: CPU
+    kernels then reduce in a fixed order in every process, so exact-resume runs can be
+    compared bit for bit."""
+    import os
+
+    return dict(os.environ, DETECTRON2_DATASETS=str(synthetic["root"]), OMP_NUM_THREADS="1")

@@ -4,7 +4,6 @@ under DATALOADER.VIRTEX_MAX_BAD_FRACTION (README "Failure behaviour")."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
-from helpers import REPO, sigkill_when_marker_appears
+from helpers import KILLED_TRAIN_NET, REPO, sigkill_when_marker_appears, training_env
 from PIL import Image
 
 import virtex_d2
@@ -28,28 +27,6 @@ from virtex_d2.engine.trainer import DEFAULT_TASK, TASKS, Trainer, task_spec
 FINETUNE = str(REPO / "configs" / "synthetic" / "finetune_R_18.yaml")
 LINEAR = str(REPO / "configs" / "synthetic" / "linear_probe_R_18.yaml")
 ITERS, KILL_AFTER = 8, 4  # checkpoints after iterations 1, 3, 5, 7: killed between 3 and 5
-
-# tools/train_net.py's training, plus a hook that stops the process (to be SIGKILLed) after
-# iteration KILL_AFTER, i.e. in the middle of a checkpoint period.
-KILLED_CHILD = """
-import sys, time
-sys.path.insert(0, {tools!r})
-import train_net
-from detectron2.engine import HookBase
-from virtex_d2.engine.trainer import Trainer
-
-class Freeze(HookBase):
-    def after_step(self):
-        if self.trainer.iter == {kill_after}:
-            open({marker!r}, "w").close()
-            time.sleep(600)
-
-args = train_net.default_argument_parser().parse_args(sys.argv[1:])
-trainer = Trainer(train_net.setup(args))
-trainer.resume_or_load(resume=False)
-trainer.register_hooks([Freeze()])
-trainer.train()
-"""
 
 
 def opts(out):
@@ -64,16 +41,11 @@ def opts(out):
     ]  # fmt: skip
 
 
-def env(synthetic):
-    # One thread: CPU kernels then reduce in a fixed order in every process.
-    return dict(os.environ, DETECTRON2_DATASETS=str(synthetic["root"]), OMP_NUM_THREADS="1")
-
-
 def train_net(synthetic, out, *extra):
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", FINETUNE, *extra,
          *opts(out)],
-        cwd=REPO, env=env(synthetic), capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=training_env(synthetic), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -84,13 +56,13 @@ def test_sigkilled_classification_run_resumes_to_the_same_weights(synthetic, tmp
     train_net(synthetic, full)
 
     marker = tmp_path / "frozen"
-    child = KILLED_CHILD.format(tools=str(REPO / "tools"), kill_after=KILL_AFTER,
+    child = KILLED_TRAIN_NET.format(tools=str(REPO / "tools"), kill_after=KILL_AFTER,
                                 marker=str(marker))  # fmt: skip
     returncode = sigkill_when_marker_appears(
         [sys.executable, "-c", child, "--config-file", FINETUNE, *opts(broken)],
         marker,
         cwd=REPO,
-        env=env(synthetic),
+        env=training_env(synthetic),
     )
     assert returncode == -signal.SIGKILL
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"

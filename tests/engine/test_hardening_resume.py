@@ -3,38 +3,21 @@ weights and optimizer state as an uninterrupted run (README "Failure behaviour")
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 
 import torch
-from helpers import REPO, sigkill_when_marker_appears, tiny_textual_head_opts
+from helpers import (
+    KILLED_TRAIN_NET,
+    REPO,
+    sigkill_when_marker_appears,
+    tiny_textual_head_opts,
+    training_env,
+)
 
 CONFIG = str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml")
 ITERS, KILL_AFTER = 8, 4  # checkpoints after iterations 1, 3, 5, 7: killed between 3 and 5
-
-# The training of tools/train_net.py, plus a hook that stops the process (to be SIGKILLed) after
-# iteration KILL_AFTER, i.e. in the middle of a checkpoint period.
-KILLED_CHILD = """
-import sys, time
-sys.path.insert(0, {tools!r})
-import train_net
-from detectron2.engine import HookBase
-from virtex_d2.engine.trainer import Trainer
-
-class Freeze(HookBase):
-    def after_step(self):
-        if self.trainer.iter == {kill_after}:
-            open({marker!r}, "w").close()
-            time.sleep(600)
-
-args = train_net.default_argument_parser().parse_args(sys.argv[1:])
-trainer = Trainer(train_net.setup(args))
-trainer.resume_or_load(resume=False)
-trainer.register_hooks([Freeze()])
-trainer.train()
-"""
 
 
 def opts(synthetic, out):
@@ -61,11 +44,6 @@ def opts(synthetic, out):
     ]
 
 
-def env(synthetic):
-    # One thread: CPU kernels then reduce in a fixed order in every process.
-    return dict(os.environ, DETECTRON2_DATASETS=str(synthetic["root"]), OMP_NUM_THREADS="1")
-
-
 def train_net(synthetic, out, *extra):
     proc = subprocess.run(
         [
@@ -77,7 +55,7 @@ def train_net(synthetic, out, *extra):
             *opts(synthetic, out),
         ],
         cwd=REPO,
-        env=env(synthetic),
+        env=training_env(synthetic),
         capture_output=True,
         text=True,
         timeout=600,
@@ -91,14 +69,14 @@ def test_sigkilled_run_resumes_to_the_same_weights(synthetic, tmp_path):
     train_net(synthetic, full)
 
     marker = tmp_path / "frozen"
-    child = KILLED_CHILD.format(
+    child = KILLED_TRAIN_NET.format(
         tools=str(REPO / "tools"), kill_after=KILL_AFTER, marker=str(marker)
     )
     returncode = sigkill_when_marker_appears(
         [sys.executable, "-c", child, "--config-file", CONFIG, *opts(synthetic, broken)],
         marker,
         cwd=REPO,
-        env=env(synthetic),
+        env=training_env(synthetic),
     )
     assert returncode == -signal.SIGKILL
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"

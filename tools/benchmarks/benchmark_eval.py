@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import time
+from typing import Any, Callable
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -189,23 +190,23 @@ def make_synthetic_coco(
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def run_pycocotools(gt: dict, results: list[dict], iou_type: str) -> tuple[dict[str, float], float]:
-    """pycocotools' COCOeval, set up as Detectron2's COCOEvaluator does. Returns (metrics, s)."""
-    # pycocotools rewrites ground truth and result dicts in place: give it private copies,
-    # made before the clock starts.
-    gt = copy.deepcopy(gt)
-    results = copy.deepcopy(results)
+def _private_copies(gt: dict, results: list[dict], iou_type: str) -> tuple[dict, list[dict]]:
+    """Both libraries rewrite ground truth and result dicts in place: they get private copies,
+    made before the clock starts; segm results lose their boxes, as Detectron2 sends them."""
+    gt, results = copy.deepcopy(gt), copy.deepcopy(results)
     if iou_type == "segm":
         for r in results:
             r.pop("bbox", None)
+    return gt, results
+
+
+def _time_cocoeval(build: Callable[[], Any]) -> tuple[dict[str, float], float]:
+    """Seconds of ``build()`` (index the ground truth, load the results, return a COCOeval-like
+    object) plus its evaluate/accumulate/summarize, and the metrics of its ``stats``."""
     gc.collect()  # start from a clean heap, as run_ours does
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = RefCOCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(results)
-        ev = RefCOCOeval(coco_gt, coco_dt, iou_type)
+        ev = build()
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -215,32 +216,34 @@ def run_pycocotools(gt: dict, results: list[dict], iou_type: str) -> tuple[dict[
         for i, name in enumerate(COCO_METRICS)
     }
     return metrics, seconds
+
+
+def run_pycocotools(gt: dict, results: list[dict], iou_type: str) -> tuple[dict[str, float], float]:
+    """pycocotools' COCOeval, set up as Detectron2's COCOEvaluator does. Returns (metrics, s)."""
+    gt, results = _private_copies(gt, results, iou_type)
+
+    def build():
+        coco_gt = RefCOCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        return RefCOCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+
+    return _time_cocoeval(build)
 
 
 def run_faster_coco_eval(
     gt: dict, results: list[dict], iou_type: str
 ) -> tuple[dict[str, float], float]:
     """faster-coco-eval's COCOeval_faster, used as its README shows. Returns (metrics, s)."""
-    gt = copy.deepcopy(gt)  # it adds keys to annotation dicts too
-    results = copy.deepcopy(results)
-    if iou_type == "segm":
-        for r in results:
-            r.pop("bbox", None)
-    gc.collect()
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    gt, results = _private_copies(gt, results, iou_type)
+
+    def build():
         coco_gt = FastCOCO(gt)
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=lambda *a: None)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    seconds = time.perf_counter() - start
-    metrics = {
-        name: float(ev.stats[i] * 100) if ev.stats[i] >= 0 else float("nan")
-        for i, name in enumerate(COCO_METRICS)
-    }
-    return metrics, seconds
+        return COCOeval_faster(
+            coco_gt, coco_gt.loadRes(results), iou_type, print_function=lambda *a: None
+        )
+
+    return _time_cocoeval(build)
 
 
 def run_ours(gt: dict, results: list[dict], iou_type: str) -> tuple[dict[str, float], float]:
