@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Throughput of a VirTex pretraining step against its CNN-only bound and a reference-style step.
+"""Throughput of a VirTex pretraining step against its CNN-only bound and a reference-style step
+(the measurements themselves are in pretrain_measures.py, the steps in pretrain_steps.py).
 
 Step times, one process, the three steps alternating step by step (so that load changes hit
 all alike), images/s from the median step time of each:
@@ -37,262 +38,23 @@ import functools
 import json
 import multiprocessing as mp
 import os
-import resource
 import sys
-import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 # Its modules sit next to this file; also when this file is imported as a module.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_steps import ABLATION, STEPS, bench_cfg, build_step, random_batch  # noqa: E402
-
-
-def _setup(args, *extra_opts):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    opts = [*args.opts, *extra_opts]
-    if not args.channels_last:
-        opts += ["MODEL.VIRTEX.CHANNELS_LAST", "False"]
-    return bench_cfg(args.config_file, opts, args.device)
-
-
-class _OneImage(torch.nn.Module):
-    """Tensor-in, tensor-out view of a training forward on one sample, for fvcore's tracer
-    (Detectron2's own FLOP helper needs its export module, which imports caffe2)."""
-
-    def __init__(self, model, sample):
-        super().__init__()
-        self.model, self.sample = model, sample
-
-    def forward(self, image):
-        return sum(self.model([{**self.sample, "image": image[0]}]).values())
-
-
-def _peak_memory_mb(device):
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _timed(step, batch, device) -> tuple[float, float]:
-    """Wall seconds and this process's CPU seconds (all threads) of one step."""
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-    t0, c0 = time.perf_counter(), time.process_time()
-    step(batch)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, time.process_time() - c0
-
-
-def _alternate(steps: dict, batch, args) -> dict:
-    """Median step time of each of ``steps`` (name -> step function), one step of each in
-    turn, the order rotating, so that load changes hit all alike. Also the median CPU time:
-    on a shared machine a step's wall time also counts the time other processes held the
-    cores, its CPU time much less so."""
-    import statistics
-
-    from detectron2.utils.events import EventStorage
-
-    wall = {name: [] for name in steps}
-    cpu = {name: [] for name in steps}
-    order = list(steps)
-    with EventStorage():
-        for _ in range(args.warmup):
-            for name in order:
-                steps[name](batch)
-        for i in range(args.iters):
-            shift = i % len(order)
-            for name in order[shift:] + order[:shift]:
-                w, c = _timed(steps[name], batch, args.device)
-                wall[name].append(w)
-                cpu[name].append(c)
-    out = {}
-    for name in steps:
-        median = statistics.median(wall[name])
-        out[name] = {
-            "median_step_s": median,
-            "images_per_s": args.batch_size / median,
-            "step_s": wall[name],
-            "median_cpu_s": statistics.median(cpu[name]),
-            "cpu_s": cpu[name],
-        }
-    return out
-
-
-def _measure_alternating(args, queue):
-    """(a), (b), (c') in one process."""
-    cfg = _setup(args)
-    steps = {}
-    for which in STEPS:
-        model, steps[which] = build_step(which, cfg, args.device)
-        model.train()
-    queue.put(_alternate(steps, random_batch(cfg, args.batch_size, args.caption_length), args))
-
-
-def _measure_ablation(args, queue):
-    steps = {}
-    for label, (opts, batched) in ABLATION.items():
-        cfg = _setup(args, *opts)
-        model, steps[label] = build_step("virtex", cfg, args.device)
-        model.batched_bicaptioning = batched
-        model.train()
-    queue.put(_alternate(steps, random_batch(cfg, args.batch_size, args.caption_length), args))
-
-
-def _print_ablation(result: dict) -> None:
-    print(
-        f"{'VirTex step, fast paths added in turn':50s}{'images/s':>9s}{'vs plain':>9s}"
-        f"{'CPU s/step':>11s}{'vs plain':>9s}"
-    )
-    plain = next(iter(result.values()))
-    for label, r in result.items():
-        print(
-            f"{label:50s}{r['images_per_s']:9.2f}"
-            f"{r['images_per_s'] / plain['images_per_s']:8.2f}x{r['median_cpu_s']:11.2f}"
-            f"{plain['median_cpu_s'] / r['median_cpu_s']:8.2f}x"
-        )
-
-
-def _measure_peak(which, args, queue):
-    """Peak memory of warm-up steps plus one, and FLOPs per image, of one of STEPS alone."""
-    from detectron2.utils.events import EventStorage
-    from fvcore.nn import FlopCountAnalysis
-
-    cfg = _setup(args)
-    batch = random_batch(cfg, args.batch_size, args.caption_length)
-    model, step = build_step(which, cfg, args.device)
-    model.train()
-    with EventStorage():
-        for _ in range(args.warmup + 1):
-            step(batch)
-        peak = _peak_memory_mb(args.device)
-        # FLOPs of one training-mode forward (fvcore counts one multiply-add as one flop).
-        flops = FlopCountAnalysis(_OneImage(model, batch[0]), (batch[0]["image"][None],))
-        flops.unsupported_ops_warnings(False)
-        flops.uncalled_modules_warnings(False)
-        gflops = flops.total() / 1e9
-    queue.put({"peak_mb": peak, "gflops_per_image": gflops})
-
-
-def _measure_precisions(args, queue):
-    """(d): fp32 and mixed-precision steps of the same VirTex model, alternating."""
-    import statistics
-
-    from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
-
-    from virtex_d2.engine.amp import cpu_bf16_support
-    from virtex_d2.solver import build_virtex_optimizer
-
-    cfg = _setup(args)
-    with mock.patch("virtex_d2.data.vocabulary.resolve_tokenizer", return_value=None):
-        model = build_model(cfg)
-    opt = build_virtex_optimizer(cfg, model)
-    batch = random_batch(cfg, args.batch_size, args.caption_length)
-    cuda = args.device.startswith("cuda")
-    device_type = "cuda" if cuda else "cpu"
-    amp_dtype = torch.float16 if cuda else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if cuda else None  # fp16 needs loss scaling
-
-    def step(mixed: bool) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(device_type, dtype=amp_dtype, enabled=mixed):
-            loss = sum(model(batch).values())
-        opt.zero_grad(set_to_none=True)
-        if mixed and scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    times = {False: [], True: []}
-    model.train()
-    with EventStorage():
-        for _ in range(args.warmup):
-            step(False)
-            step(True)
-        for _ in range(args.iters):
-            for mixed in (False, True):
-                times[mixed].append(step(mixed))
-    name = "fp16" if cuda else "bf16"
-    medians = {"fp32": statistics.median(times[False]), name: statistics.median(times[True])}
-    native, why = (True, "GPU") if cuda else cpu_bf16_support()
-    queue.put(
-        {
-            "amp_dtype": name,
-            "native": native,
-            "why": why,
-            **{
-                k: {"median_step_s": v, "images_per_s": args.batch_size / v}
-                for k, v in medians.items()
-            },
-            "speedup": medians["fp32"] / medians[name],
-        }
-    )
-
-
-def _measure_loader(args, queue):
-    from detectron2.data import DatasetCatalog
-
-    from virtex_d2.engine.trainer import Trainer
-
-    cfg = _setup(args)
-    note = ""
-    try:
-        DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
-    except (FileNotFoundError, OSError) as e:
-        note = (
-            f"{cfg.DATASETS.TRAIN[0]} not on disk ({type(e).__name__}); "
-            "used synthetic_captions_train"
-        )
-        cfg.DATASETS.TRAIN = ("synthetic_captions_train",)
-        cfg.MODEL.VIRTEX.TOKENIZER = "synthetic://"
-        cfg.MODEL.VIRTEX.VOCAB_SIZE = _synthetic_vocab_size()
-    cfg.SOLVER.IMS_PER_BATCH = args.batch_size
-    loader = iter(Trainer.build_train_loader(cfg))
-    for _ in range(args.warmup):
-        next(loader)
-    t0 = time.perf_counter()
-    n = 0
-    for _ in range(args.iters * 4):
-        n += len(next(loader))
-    elapsed = time.perf_counter() - t0
-    # Shut the workers down before this process exits, so none is killed mid-batch.
-    del loader
-    import gc
-
-    gc.collect()
-    queue.put(
-        {
-            "images_per_s": n / elapsed,
-            "peak_mb": _peak_memory_mb("cpu"),
-            "workers": cfg.DATALOADER.NUM_WORKERS,
-            "note": note,
-        }
-    )
-
-
-def _synthetic_vocab_size() -> int:
-    from detectron2.config import get_cfg
-
-    import virtex_d2
-
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file("configs/synthetic/bicaptioning_R_18.yaml")
-    return cfg.MODEL.VIRTEX.VOCAB_SIZE
+from pretrain_measures import (  # noqa: E402
+    measure_ablation,
+    measure_alternating,
+    measure_loader,
+    measure_peak,
+    measure_precisions,
+    print_ablation,
+    print_precision,
+)
+from pretrain_steps import STEPS  # noqa: E402
 
 
 class _Result:
@@ -323,16 +85,6 @@ def _run(target, args):
                 raise SystemExit(f"{name} failed (exit code {proc.exitcode})")
     proc.join()
     return result
-
-
-def _print_precision(precision: dict, args) -> None:
-    mixed = precision["amp_dtype"]
-    print(
-        f"(d) VirTex step, alternating, median of {args.iters}: fp32 "
-        f"{precision['fp32']['images_per_s']:.2f} vs {mixed} "
-        f"{precision[mixed]['images_per_s']:.2f} images/s = {precision['speedup']:.2f}x "
-        f"({'native' if precision['native'] else 'EMULATED'}: {precision['why']})"
-    )
 
 
 def main(argv=None):
@@ -377,18 +129,18 @@ def main(argv=None):
         args.opts = [*args.opts, "INPUT.VIRTEX.CROP_SIZE", "64"]
 
     if args.ablation:
-        ablation = _run(_measure_ablation, args)
+        ablation = _run(measure_ablation, args)
         print(
             f"{args.config_file}, batch {args.batch_size}, {args.caption_length}-token "
             f"captions, {args.threads or torch.get_num_threads()} threads, alternating step "
             f"by step, median of {args.iters} each; load average {os.getloadavg()[0]:.1f}"
         )
-        _print_ablation(ablation)
+        print_ablation(ablation)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"ablation": ablation, "argv": argv or sys.argv[1:]}, f, indent=2)
         return
-    precision = None if args.skip_precision else _run(_measure_precisions, args)
+    precision = None if args.skip_precision else _run(measure_precisions, args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(
         f"{args.config_file} on {device}, batch {args.batch_size}, "
@@ -396,7 +148,7 @@ def main(argv=None):
         f"{args.threads or torch.get_num_threads()} threads"
     )
     if args.only_precision:
-        _print_precision(precision, args)
+        print_precision(precision, args)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(
@@ -410,9 +162,9 @@ def main(argv=None):
                     indent=2,
                 )
         return
-    timing = _run(_measure_alternating, args)
-    peaks = {which: _run(functools.partial(_measure_peak, which), args) for which in STEPS}
-    loader = None if args.skip_loader else _run(_measure_loader, args)
+    timing = _run(measure_alternating, args)
+    peaks = {which: _run(functools.partial(measure_peak, which), args) for which in STEPS}
+    loader = None if args.skip_loader else _run(measure_loader, args)
     results = {which: {**timing[which], **peaks[which]} for which in STEPS}
     print(
         f"(a), (b), (c') alternating step by step, median of {args.iters} each; peak memory "
@@ -433,7 +185,7 @@ def main(argv=None):
         if loader["note"]:
             print(f"    note: {loader['note']}")
     if precision:
-        _print_precision(precision, args)
+        print_precision(precision, args)
     ratio = results["virtex"]["images_per_s"] / results["cnn"]["images_per_s"]
     ratio_reference = results["virtex"]["images_per_s"] / results["reference"]["images_per_s"]
     cpu = {k: r["median_cpu_s"] for k, r in results.items()}
