@@ -185,3 +185,43 @@ def training_env(synthetic: dict) -> dict:
     import os
 
     return dict(os.environ, DETECTRON2_DATASETS=str(synthetic["root"]), OMP_NUM_THREADS="1")
+
+
+def kill_train_net_midway(config: str, opts: list, out: Path, synthetic: dict, kill_after: int):
+    """Run tools/train_net.py's training with ``config`` and ``opts`` and SIGKILL it after
+    iteration ``kill_after`` (between two checkpoints), in ``out``."""
+    import signal
+    import sys
+
+    marker = out.parent / f"{out.name}.frozen"
+    child = KILLED_TRAIN_NET.format(
+        tools=str(REPO / "tools"), kill_after=kill_after, marker=str(marker)
+    )
+    returncode = sigkill_when_marker_appears(
+        [sys.executable, "-c", child, "--config-file", config, *opts],
+        marker,
+        cwd=REPO,
+        env=training_env(synthetic),
+    )
+    assert returncode == -signal.SIGKILL
+
+
+def assert_same_final_state(full: Path, resumed: Path, iters: int, optimizer_states: tuple):
+    """The final checkpoints of an uninterrupted and a resumed run hold the same iteration,
+    weights, optimizer state (param groups and the named per-parameter ``optimizer_states``)
+    and LR scheduler; returns the resumed one's ``model`` dict."""
+    import torch
+
+    a = torch.load(full / "model_final.pth", weights_only=True)
+    b = torch.load(resumed / "model_final.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == iters - 1
+    assert a["model"].keys() == b["model"].keys()
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, differ
+    opt_a, opt_b = a["trainer"]["_trainer"]["optimizer"], b["trainer"]["_trainer"]["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]  # LR (and Lookahead's counter)
+    for i, state in opt_a["state"].items():
+        for name in optimizer_states:
+            assert torch.equal(state[name], opt_b["state"][i][name]), (i, name)
+    assert a["trainer"]["hooks"]["LRScheduler"] == b["trainer"]["hooks"]["LRScheduler"]
+    return b["model"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer
-from helpers import REPO
+from helpers import load_config, tiny_textual_head_opts
 
 import virtex_d2
 from virtex_d2.engine.amp import CPUAMPTrainer, cpu_bf16_support, resolve_cpu_amp_dtype
@@ -125,45 +125,15 @@ def _loss_curve(synthetic, out, amp: bool, iters: int) -> tuple:
 
     from virtex_d2.engine.trainer import Trainer
 
-    cfg = get_cfg()
-    virtex_d2.add_virtex_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml"))
-    cfg.merge_from_list(
-        [
-            "MODEL.VIRTEX.TOKENIZER",
-            synthetic["tokenizer"],
-            "MODEL.VIRTEX.VOCAB_SIZE",
-            str(synthetic["vocab_size"]),
-            "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
-            "64",
-            "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
-            "2",
-            "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
-            "128",
-            "INPUT.VIRTEX.CROP_SIZE",
-            "64",
-            "SOLVER.IMS_PER_BATCH",
-            "4",
-            "SOLVER.MAX_ITER",
-            str(iters),
-            "SOLVER.WARMUP_ITERS",
-            "5",
-            "SOLVER.CHECKPOINT_PERIOD",
-            "1000",
-            "DATALOADER.NUM_WORKERS",
-            "0",
-            "DATASETS.TEST",
-            "()",
-            "SOLVER.AMP.ENABLED",
-            str(amp),
-            "SOLVER.AMP.CPU_DTYPE",
-            "auto",
-            "OUTPUT_DIR",
-            str(out),
-            "SEED",
-            "3",
-        ]
-    )
+    cfg = load_config(
+        "synthetic/bicaptioning_R_18.yaml",
+        *tiny_textual_head_opts(synthetic),
+        "INPUT.VIRTEX.CROP_SIZE", "64", "SOLVER.IMS_PER_BATCH", "4",
+        "SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", "5",
+        "SOLVER.CHECKPOINT_PERIOD", "1000", "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()",
+        "SOLVER.AMP.ENABLED", str(amp), "SOLVER.AMP.CPU_DTYPE", "auto",
+        "OUTPUT_DIR", str(out), "SEED", "3",
+    )  # fmt: skip
     # train_net.py seeds through default_setup; here both runs must start from the same weights.
     seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)

@@ -4,7 +4,6 @@ under DATALOADER.VIRTEX_MAX_BAD_FRACTION (README "Failure behaviour")."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import uuid
@@ -14,7 +13,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
-from helpers import KILLED_TRAIN_NET, REPO, sigkill_when_marker_appears, training_env
+from helpers import REPO, assert_same_final_state, kill_train_net_midway, training_env
 from PIL import Image
 
 import virtex_d2
@@ -55,37 +54,18 @@ def test_sigkilled_classification_run_resumes_to_the_same_weights(synthetic, tmp
     full, broken = tmp_path / "full", tmp_path / "broken"
     train_net(synthetic, full)
 
-    marker = tmp_path / "frozen"
-    child = KILLED_TRAIN_NET.format(tools=str(REPO / "tools"), kill_after=KILL_AFTER,
-                                marker=str(marker))  # fmt: skip
-    returncode = sigkill_when_marker_appears(
-        [sys.executable, "-c", child, "--config-file", FINETUNE, *opts(broken)],
-        marker,
-        cwd=REPO,
-        env=training_env(synthetic),
-    )
-    assert returncode == -signal.SIGKILL
+    kill_train_net_midway(FINETUNE, opts(broken), broken, synthetic, KILL_AFTER)
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"
     assert not (broken / "model_final.pth").exists()
 
     log = train_net(synthetic, broken, "--resume")
     assert "Starting training from iteration 4" in log
 
-    a = torch.load(full / "model_final.pth", weights_only=True)
-    b = torch.load(broken / "model_final.pth", weights_only=True)
-    assert a["iteration"] == b["iteration"] == ITERS - 1
-    assert a["model"].keys() == b["model"].keys()
-    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
-    assert not differ, differ
-    opt_a, opt_b = a["trainer"]["_trainer"]["optimizer"], b["trainer"]["_trainer"]["optimizer"]
-    assert opt_a["param_groups"] == opt_b["param_groups"]
-    for i, state in opt_a["state"].items():
-        assert torch.equal(state["momentum_buffer"], opt_b["state"][i]["momentum_buffer"]), i
-    assert a["trainer"]["hooks"]["LRScheduler"] == b["trainer"]["hooks"]["LRScheduler"]
+    final = assert_same_final_state(full, broken, ITERS, ("momentum_buffer",))
     # ... and it was not trivially equal: backbone and classifier moved after the checkpoint.
     mid = torch.load(broken / "model_0000003.pth", weights_only=True)["model"]
-    assert sum(not torch.equal(mid[k], b["model"][k]) for k in mid) > len(mid) // 2
-    assert not torch.equal(mid["classifier.weight"], b["model"]["classifier.weight"])
+    assert sum(not torch.equal(mid[k], final[k]) for k in mid) > len(mid) // 2
+    assert not torch.equal(mid["classifier.weight"], final["classifier.weight"])
 
 
 # ------------------------------------------------------------------------------- bad images

@@ -3,15 +3,14 @@ weights and optimizer state as an uninterrupted run (README "Failure behaviour")
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 
 import torch
 from helpers import (
-    KILLED_TRAIN_NET,
     REPO,
-    sigkill_when_marker_appears,
+    assert_same_final_state,
+    kill_train_net_midway,
     tiny_textual_head_opts,
     training_env,
 )
@@ -68,35 +67,14 @@ def test_sigkilled_run_resumes_to_the_same_weights(synthetic, tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
     train_net(synthetic, full)
 
-    marker = tmp_path / "frozen"
-    child = KILLED_TRAIN_NET.format(
-        tools=str(REPO / "tools"), kill_after=KILL_AFTER, marker=str(marker)
-    )
-    returncode = sigkill_when_marker_appears(
-        [sys.executable, "-c", child, "--config-file", CONFIG, *opts(synthetic, broken)],
-        marker,
-        cwd=REPO,
-        env=training_env(synthetic),
-    )
-    assert returncode == -signal.SIGKILL
+    kill_train_net_midway(CONFIG, opts(synthetic, broken), broken, synthetic, KILL_AFTER)
     assert (broken / "last_checkpoint").read_text() == "model_0000003.pth"
     assert not (broken / "model_final.pth").exists()
 
     log = train_net(synthetic, broken, "--resume")
     assert "Starting training from iteration 4" in log
 
-    a = torch.load(full / "model_final.pth", weights_only=True)
-    b = torch.load(broken / "model_final.pth", weights_only=True)
-    assert a["iteration"] == b["iteration"] == ITERS - 1
-    assert a["model"].keys() == b["model"].keys()
-    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
-    assert not differ, differ
-    opt_a, opt_b = a["trainer"]["_trainer"]["optimizer"], b["trainer"]["_trainer"]["optimizer"]
-    assert opt_a["param_groups"] == opt_b["param_groups"]  # LR, Lookahead counter
-    for i, state in opt_a["state"].items():
-        for name in ("momentum_buffer", "lookahead_slow"):
-            assert torch.equal(state[name], opt_b["state"][i][name]), (i, name)
-    assert a["trainer"]["hooks"]["LRScheduler"] == b["trainer"]["hooks"]["LRScheduler"]
+    final = assert_same_final_state(full, broken, ITERS, ("momentum_buffer", "lookahead_slow"))
     # ... and it was not trivially equal: these weights moved from the checkpoint resumed from.
     mid = torch.load(broken / "model_0000003.pth", weights_only=True)["model"]
-    assert sum(not torch.equal(mid[k], b["model"][k]) for k in mid) > len(mid) // 2
+    assert sum(not torch.equal(mid[k], final[k]) for k in mid) > len(mid) // 2

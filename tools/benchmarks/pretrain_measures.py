@@ -4,6 +4,7 @@ peak memory and FLOPs, fp32 vs mixed precision, and the data loader alone."""
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
@@ -13,7 +14,14 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_steps import ABLATION, STEPS, bench_cfg, build_step, random_batch  # noqa: E402
+from pretrain_steps import (  # noqa: E402
+    ABLATION,
+    STEPS,
+    bench_cfg,
+    build_step,
+    random_batch,
+    run_step,
+)
 
 
 def setup(args, *extra_opts):
@@ -166,22 +174,11 @@ def measure_precisions(args, queue):
     scaler = torch.amp.GradScaler("cuda") if cuda else None  # fp16 needs loss scaling
 
     def step(mixed: bool) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(device_type, dtype=amp_dtype, enabled=mixed):
-            loss = sum(model(batch).values())
-        opt.zero_grad(set_to_none=True)
-        if mixed and scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        run = functools.partial(
+            run_step, model, opt, mixed=mixed, device_type=device_type, dtype=amp_dtype,
+            scaler=scaler if mixed else None,
+        )  # fmt: skip
+        return timed(run, batch, args.device)[0]
 
     times = {False: [], True: []}
     model.train()

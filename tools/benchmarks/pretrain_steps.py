@@ -117,17 +117,29 @@ def build_step(which: str, cfg, device: str):
     else:
         opt = build_virtex_optimizer(cfg, model)
 
-    def step(batch):
-        # Detectron2's SimpleTrainer / AMPTrainer run_step, without loader and metrics.
-        with torch.autocast("cuda", enabled=amp):
-            loss = sum(model(batch).values())
-        opt.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+    return model, functools.partial(run_step, model, opt, mixed=amp, scaler=scaler)
 
-    return model, step
+
+def run_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: list[dict],
+    *,
+    mixed: bool = False,
+    device_type: str = "cuda",
+    dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
+    """One iteration as Detectron2's SimpleTrainer / AMPTrainer run_step does it, without
+    loader and metrics: the forward under autocast when ``mixed``, the backward scaled when
+    a GradScaler is given."""
+    with torch.autocast(device_type, dtype=dtype, enabled=mixed):
+        loss = sum(model(batch).values())
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
