@@ -34,6 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from virtex_d2.data.datasets.coco_captions import load_coco_captions_json
+from virtex_d2.io import atomic_write
 
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
@@ -81,15 +82,13 @@ def _sample(record: dict[str, Any]) -> dict[str, Any] | str:
 def _write_shard(path: str, samples: Sequence[dict[str, Any]]) -> None:
     import webdataset as wds
 
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    def write(f) -> None:
         # Fixed mtime: the same inputs give byte-identical shards.
         with wds.TarWriter(f, mtime=0) as writer:
             for sample in samples:
                 writer.write(sample)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 def make_shards(

@@ -7,6 +7,8 @@ import math
 import os
 from collections.abc import Iterable
 
+from virtex_d2.io import atomic_write_text
+
 # results.json keys per init: (dataset, task, metric in Detectron2's results).
 # lvis_AP is LVIS's headline metric, mask AP; the box AP and the frequency tiers come along.
 METRICS = {
@@ -94,8 +96,4 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, dict]]]) -> dict:
 
 
 def write_results(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))

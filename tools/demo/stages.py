@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from virtex_d2.io import atomic_write_text
+
 from .plan import TrainStage
 from .results import final_evaluation
 
@@ -58,11 +60,7 @@ def fmt_seconds(seconds: float) -> str:
 
 def write_json(path: str, payload: dict) -> None:
     """Write ``payload`` atomically (a crash never leaves a half-written marker)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def read_json(path: str) -> dict | None:
