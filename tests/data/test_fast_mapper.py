@@ -20,7 +20,7 @@ from PIL import Image
 import virtex_d2.data.fast_decode as fast_decode
 from virtex_d2.data.caption_mapper import CaptionDatasetMapper
 from virtex_d2.data.fast_decode import FastCropPipeline, draft_scale, probe_plain_jpeg
-from virtex_d2.data.image_io import UnreadableImageError, load_image_rgb
+from virtex_d2.data.image_io import UnreadableImageError, chw_tensor, load_image_rgb
 from virtex_d2.data.transforms import (
     AntialiasedResizeTransform,
     ColorJitter,
@@ -294,3 +294,15 @@ def test_colour_jitter_matches_pillows_image_enhance():
     red[..., 0] = 200
     turned = ColorJitterTransform(1, 1, 1, 0.1, order=[3]).apply_image(red)[0, 0]
     assert turned[0] == 200 and turned[2] == 0 and abs(int(turned[1]) - 120) <= 3
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_chw_tensor_is_the_contiguous_transpose_of_any_layout(channels, dtype):
+    rng = np.random.default_rng(channels)
+    image = (rng.random((37, 53, channels)) * 255).astype(dtype)
+    # Flipped, cropped and sliced views: the layouts the augmentations hand over.
+    for view in (image, image[:, ::-1], image[3:30, 5:41], image[::-1]):
+        out = chw_tensor(view)
+        assert out.is_contiguous() and out.dtype == torch.from_numpy(view.copy()).dtype
+        assert torch.equal(out, torch.from_numpy(view.transpose(2, 0, 1).copy()))

@@ -26,6 +26,11 @@ Systems:
 
     python tools/benchmarks/benchmark_mapper.py [--images DIR] [--rounds 6] [--crop 224]
 
+albumentations is not a dependency; to add its column without touching the environment:
+``pip install --target /tmp/alb --no-deps albumentations==2.0.8 albucore==0.0.24 pydantic
+pydantic-core typing-inspection annotated-types stringzilla simsimd`` and run with
+``PYTHONPATH=/tmp/alb``.
+
 Default data: the 80 real COCO photos of ../shared/data/coco_tiny/train2017, each with COCO
 captions (the 17 captioned ones keep theirs; the rest borrow them in turn).
 """
@@ -236,15 +241,18 @@ def main(argv=None) -> int:
                 systems[n](r)
                 times[n].append(time.perf_counter() - start)
     ref = statistics.median(times["reference-style (cv2/numpy)"])
+    alb_name = next((n for n in names if n.startswith("albumentations")), None)
+    alb = statistics.median(times[alb_name]) if alb_name else None
     print(
         f"{len(records)} images x {args.rounds} rounds, {args.crop} px crops, one thread; "
         "median ms/image (mean):"
     )
     for n in names:
         med, mean = statistics.median(times[n]), statistics.fmean(times[n])
+        versus = f"   x{med / alb:.2f} of albumentations" if alb else ""
         print(
             f"  {n:32s} {1000 * med:6.2f} ({1000 * mean:5.2f})   x{med / ref:.2f} of "
-            "reference-style"
+            f"reference-style{versus}"
         )
     ours = times["ours"]
     print(

@@ -28,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.data import transforms as T
 
 from .fast_decode import FastCropPipeline, read_bytes
-from .image_io import read_image_checked
+from .image_io import chw_tensor, read_image_checked
 from .tokenizer import EOS_ID, MASK_ID, SOS_ID, CaptionTokenizer
 from .transforms import (
     CenterCrop,
@@ -64,7 +64,7 @@ def eval_image_tensor(image: np.ndarray, augmentations: Sequence[T.Augmentation]
     :class:`CaptionDatasetMapper` prepares it for evaluation."""
     aug_input = T.AugInput(image)
     T.AugmentationList(list(augmentations))(aug_input)
-    return torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+    return chw_tensor(aug_input.image)
 
 
 MLM_RULES = ("reference", "bert")
@@ -194,7 +194,7 @@ class CaptionDatasetMapper:
             aug_input = T.AugInput(image)
             flipped = was_flipped(self.augmentations(aug_input))
             image = aug_input.image
-        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        d["image"] = chw_tensor(image)
 
         captions = d.pop("captions", None)
         if not captions:

@@ -32,7 +32,7 @@ from detectron2.data import transforms as T
 from detectron2.data.build import trivial_batch_collator
 from detectron2.data.samplers import InferenceSampler
 
-from .image_io import load_image_rgb
+from .image_io import chw_tensor, load_image_rgb
 from .resumable import ResumableTrainLoader
 from .train_loader import build_resumable_train_loader
 from .transforms import CenterCrop, RandomResizedCrop
@@ -138,7 +138,7 @@ class ClassificationDatasetMapper:
         aug_input = T.AugInput(image)
         self.augmentations(aug_input)
         # shape: (3, S, S), uint8; normalisation happens in the model, on its device.
-        d["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        d["image"] = chw_tensor(aug_input.image)
         if "label" in d:
             d["label"] = int(d["label"])
         # Detection-only keys would only cost collation time.

