@@ -222,6 +222,25 @@ def main(argv=None):
         f"by CPU time per step:   {cpu_ratios['ratio']:.3f}            "
         f"{cpu_ratios['ratio_reference']:.2f}x"
     )
+    print_work_rates(results)
+
+
+def print_work_rates(results: dict) -> None:
+    """Forward GMAC per second of each step (fvcore's count x images/s; backward adds about
+    twice as much, alike for all three), and the ratios (a) would reach if it ran at the CNN
+    bound's rate: the ceilings its FLOP count sets, whatever its kernels."""
+    rate = {k: r["gflops_per_image"] * r["images_per_s"] for k, r in results.items()}
+    flops = {k: r["gflops_per_image"] for k, r in results.items()}
+    print(
+        "work rate, forward GMAC/s: "
+        + "   ".join(f"{k} {rate[k]:.2f}" for k in ("virtex", "cnn", "reference"))
+        + f"   ((a) at {rate['virtex'] / rate['cnn']:.3f} of (b)'s rate)"
+    )
+    print(
+        "ceilings at (b)'s rate: (a)/(b) <= "
+        f"{flops['cnn'] / flops['virtex']:.3f}   (a)/(c') <= "
+        f"{rate['cnn'] / rate['reference'] * flops['reference'] / flops['virtex']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

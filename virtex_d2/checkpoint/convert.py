@@ -36,7 +36,6 @@ running_var: a silently missing running statistic would load as the identity tra
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,10 +46,13 @@ from tqdm import tqdm
 
 from ..io import atomic_write
 from .resnet_layout import (
-    NORM_TENSORS,
+    BN_COUNTER,
+    d2_to_torchvision_name,
     expected_names,
     infer_structure,
+    is_d2_resnet_name,
     shape_of,
+    torchvision_to_d2_name,
 )
 
 __all__ = [
@@ -83,20 +85,6 @@ _DEPTHS = {
     ("bottleneck", (3, 4, 23, 3)): 101,
     ("bottleneck", (3, 8, 36, 3)): 152,
 }
-
-BN_COUNTER = "num_batches_tracked"
-
-# Detectron2 ResNet names: stem.conv1 / res{2-5}.{block}.{conv1-3,shortcut}, each a conv with
-# its norm under ".norm".
-_D2_NAME = re.compile(
-    r"^(?P<conv>stem\.conv1|res[2-5]\.\d+\.(?:conv[1-3]|shortcut))"
-    r"\.(?P<tensor>weight|norm\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
-)
-_TV_STEM = re.compile(r"^(?P<kind>conv1|bn1)\.(?P<tensor>\w+)$")
-_TV_BLOCK = re.compile(
-    r"^layer(?P<layer>[1-4])\.(?P<block>\d+)\."
-    r"(?:(?P<kind>conv|bn)(?P<idx>[1-3])|downsample\.(?P<ds>[01]))\.(?P<tensor>\w+)$"
-)
 
 
 class IncompleteBackboneError(ValueError):
@@ -227,51 +215,6 @@ def save_d2_checkpoint(result: ConversionResult | Mapping[str, torch.Tensor], pa
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-# --------------------------------------------------------------------------------------- naming
-
-
-def torchvision_to_d2_name(name: str) -> str | None:
-    """``layer2.0.bn1.running_mean`` -> ``res3.0.conv1.norm.running_mean``; None if not a ResNet
-    tensor of the stem or res2..res5 (e.g. ``fc.weight``)."""
-    m = _TV_STEM.match(name)
-    if m:
-        conv = "stem.conv1"
-        kind = m["kind"]
-    else:
-        m = _TV_BLOCK.match(name)
-        if not m:
-            return None
-        base = f"res{int(m['layer']) + 1}.{m['block']}"
-        if m["ds"] is not None:
-            conv, kind = f"{base}.shortcut", ("conv" if m["ds"] == "0" else "bn")
-        else:
-            conv = f"{base}.conv{m['idx']}"
-            kind = "conv" if m["kind"] == "conv" else "bn"
-    tensor = m["tensor"]
-    if kind.startswith("conv"):
-        return f"{conv}.weight" if tensor == "weight" else None
-    if tensor in NORM_TENSORS or tensor == BN_COUNTER:
-        return f"{conv}.norm.{tensor}"
-    return None
-
-
-def d2_to_torchvision_name(name: str) -> str:
-    """Inverse of :func:`torchvision_to_d2_name` (used to report missing tensors)."""
-    m = _D2_NAME.match(name)
-    if not m:
-        raise ValueError(f"not a Detectron2 ResNet tensor name: {name}")
-    conv, tensor = m["conv"], m["tensor"]
-    is_norm = tensor.startswith("norm.")
-    leaf = tensor[len("norm.") :] if is_norm else tensor
-    if conv == "stem.conv1":
-        return f"{'bn1' if is_norm else 'conv1'}.{leaf}"
-    stage, block, part = conv.split(".")
-    base = f"layer{int(stage[3:]) - 1}.{block}"
-    if part == "shortcut":
-        return f"{base}.downsample.{1 if is_norm else 0}.{leaf}"
-    return f"{base}.{'bn' if is_norm else 'conv'}{part[4:]}.{leaf}"
-
-
 # ---------------------------------------------------------------------------------- conversion
 # (key that identifies the layout, source, prefix of the ResNet), most specific first.
 _LAYOUTS = (
@@ -334,7 +277,7 @@ def convert_state_dict(
         if key.startswith(prefix):
             inner = key[len(prefix) :]
             if source == "virtex_d2":
-                name = inner if _D2_NAME.match(inner) else None
+                name = inner if is_d2_resnet_name(inner) else None
             else:
                 name = torchvision_to_d2_name(inner)
         if name is None:

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 import torch
 
 from ..io import atomic_write
-from .convert import BN_COUNTER, ConversionResult, d2_to_torchvision_name
+from .convert import ConversionResult
+from .resnet_layout import BN_COUNTER, d2_to_torchvision_name
 
 # (depth, groups, width per group) -> torchvision's builder; basic blocks report width 64.
 _TORCHVISION_ARCHS = {
