@@ -9,6 +9,7 @@ import math
 import random
 from unittest import mock
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -144,13 +145,23 @@ def test_fast_path_gives_the_general_paths_pixels(mapper_for, antialias):
         assert torch.equal(mapper(_record(photo))["image"], fast["image"])  # deterministic
 
 
-def test_fast_path_on_grey_and_progressive_jpegs(tmp_path, mapper_for):
+def test_fast_path_on_grey_progressive_subsampled_and_restart_jpegs(tmp_path, mapper_for):
     rng = np.random.RandomState(0)
     pixels = rng.randint(0, 256, (90, 120, 3), np.uint8)
     grey = _jpeg(tmp_path, "grey.jpg", Image.fromarray(pixels[..., 0]))
     progressive = _jpeg(tmp_path, "progressive.jpg", Image.fromarray(pixels), progressive=True)
+    # Chroma 4:4:4, 4:2:2, 4:2:0 (Pillow) and 4:1:1 with restart markers (OpenCV's encoder):
+    # OpenCV's and Pillow's decoders must upsample chroma identically for the fast path to
+    # keep the general path's pixels.
+    subsampled = [
+        _jpeg(tmp_path, f"sub{s}.jpg", Image.fromarray(pixels), subsampling=s) for s in (0, 1, 2)
+    ]
+    restart = tmp_path / "restart411.jpg"
+    params = [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]
+    params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411]
+    restart.write_bytes(cv2.imencode(".jpg", pixels, params)[1].tobytes())
     mapper = mapper_for(crop=32, draft=False)
-    for path in (grey, progressive):
+    for path in (grey, progressive, *subsampled, restart):
         assert probe_plain_jpeg(path.read_bytes()) == (120, 90)
         _seed(3)
         assert torch.equal(
