@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from detectron2.config import get_cfg
 
 import virtex_d2
@@ -80,19 +81,55 @@ def _needs_coco_tiny():
 needs_coco_tiny = _needs_coco_tiny()
 
 
-def tiny_textual_head_opts(synthetic: dict) -> list:
-    """Config overrides: the `synthetic` fixture's vocabulary and a 64-wide textual head."""
+def tiny_textual_head_opts(synthetic: dict, hidden: int = 64) -> list:
+    """Config overrides: the `synthetic` fixture's vocabulary and a ``hidden``-wide textual head
+    (2 heads, feed-forward twice as wide)."""
     return [
         "MODEL.VIRTEX.TOKENIZER",
         synthetic["tokenizer"],
         "MODEL.VIRTEX.VOCAB_SIZE",
         str(synthetic["vocab_size"]),
         "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
-        "64",
+        str(hidden),
         "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
         "2",
         "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
-        "128",
+        str(2 * hidden),
+    ]
+
+
+def tiny_run_opts(
+    synthetic: dict,
+    out,
+    *,
+    iters: int,
+    batch: int = 4,
+    crop: int = 64,
+    warmup: int = 2,
+    workers: int = 0,
+    seed: int = 7,
+    hidden: int = 64,
+) -> list:
+    """Config overrides of the tests' short pretraining runs: the tiny textual head, crop size,
+    batch, schedule (a checkpoint every 2 iterations), loader workers, output folder and seed."""
+    return [
+        *tiny_textual_head_opts(synthetic, hidden),
+        "INPUT.VIRTEX.CROP_SIZE",
+        str(crop),
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.WARMUP_ITERS",
+        str(warmup),
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        str(workers),
+        "OUTPUT_DIR",
+        str(out),
+        "SEED",
+        str(seed),
     ]
 
 
@@ -108,6 +145,21 @@ def load_tool(name: str):
             spec.loader.exec_module(module)
             return module
     raise FileNotFoundError(f"no tools/{name}.py or tools/benchmarks/{name}.py")
+
+
+def learning_rates(cfg, steps: int) -> list[float]:
+    """The learning rate of the first ``steps`` iterations under the Trainer's scheduler (one
+    tiny parameter, ``SOLVER.BASE_LR``)."""
+    from virtex_d2.solver import build_lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.SOLVER.BASE_LR)
+    sched = build_lr_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
 
 
 def load_config(path, *opts):

@@ -12,7 +12,7 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
-from helpers import REPO, load_config
+from helpers import REPO, learning_rates, load_config
 from torch import nn
 
 from virtex_d2.data.classification_mapper import (
@@ -182,13 +182,7 @@ def test_cosine_decay_is_counted_after_warmup():
         "SOLVER.BASE_LR",
         "1.0",
     )
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = build_lr_scheduler(cfg, opt)
-    lrs = []
-    for _ in range(110):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = learning_rates(cfg, 110)
     assert lrs[5] == pytest.approx(0.5)
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.5, abs=1e-6)  # half-way through the cosine

@@ -123,6 +123,18 @@ def instance_record(path, h, w, box):
     }
 
 
+def tracked_loader(records, mapper, batch_size: int, seed: int, max_bad: float):
+    """The resumable loader with one worker and a bad-sample budget of ``max_bad``."""
+    return ResumableTrainLoader(
+        records,
+        mapper,
+        batch_size=batch_size,
+        num_workers=1,
+        seed=seed,
+        tracker=BadSampleTracker(len(records), max_bad),
+    )
+
+
 def test_detectron2_mapper_failures_are_skipped_and_counted(images, tmp_path):
     """Detection fine-tuning maps with Detectron2's own DatasetMapper (``read_image``): a file it
     cannot decode, or whose json size disagrees with the pixels, is replaced and counted by the
@@ -141,14 +153,7 @@ def test_detectron2_mapper_failures_are_skipped_and_counted(images, tmp_path):
         instance_record(tmp_path / "wrong_size.jpg", h=32, w=64, box=[0, 0, 32, 32]),
     ]
     records = [{**r, "image_id": i} for i, r in enumerate(good + bad)]
-    loader = ResumableTrainLoader(
-        records,
-        mapper,
-        batch_size=2,
-        num_workers=1,
-        seed=1,
-        tracker=BadSampleTracker(len(records), 0.5),
-    )
+    loader = tracked_loader(records, mapper, batch_size=2, seed=1, max_bad=0.5)
     good_names = {os.path.basename(r["file_name"]) for r in good}
     for batch, _ in zip(loader, range(12)):  # 24 samples: every record drawn (3+ epochs)
         assert len(batch) == 2
@@ -160,14 +165,7 @@ def test_detectron2_mapper_failures_are_skipped_and_counted(images, tmp_path):
     assert reasons["corrupt.jpg"].startswith("UnidentifiedImageError")
     assert reasons["wrong_size.jpg"].startswith(SizeMismatchError.__name__)
 
-    strict = ResumableTrainLoader(
-        records,
-        mapper,
-        batch_size=2,
-        num_workers=1,
-        seed=1,
-        tracker=BadSampleTracker(len(records), 0.2),
-    )
+    strict = tracked_loader(records, mapper, batch_size=2, seed=1, max_bad=0.2)
     with pytest.raises(BadDataError, match="VIRTEX_MAX_BAD_FRACTION = 0.2"):  # 2 of 7 > 1
         for _ in zip(range(12), strict):
             pass
@@ -194,14 +192,7 @@ def test_check_image_files_drops_missing_and_empty_before_training(images):
 def test_bad_images_are_replaced_counted_and_stop_the_run_above_the_threshold(images, tokenizer):
     mapper = CaptionDatasetMapper(caption_cfg(tokenizer), is_train=True)
     records = [record(images / n, image_id=i) for i, n in enumerate(GOOD + BROKEN)]
-    loader = ResumableTrainLoader(
-        records,
-        mapper,
-        batch_size=4,
-        num_workers=1,
-        seed=3,
-        tracker=BadSampleTracker(len(records), 0.5),
-    )
+    loader = tracked_loader(records, mapper, batch_size=4, seed=3, max_bad=0.5)
     it = iter(loader)
     for _ in range(8):  # 32 samples: every record is drawn at least once (3+ epochs)
         batch = next(it)
@@ -213,14 +204,7 @@ def test_bad_images_are_replaced_counted_and_stop_the_run_above_the_threshold(im
     assert "UnreadableImageError" in bad["truncated.jpg"] and "empty" in bad["empty.jpg"]
     assert loader.tracker.replacements >= 4
 
-    strict = ResumableTrainLoader(
-        records,
-        mapper,
-        batch_size=4,
-        num_workers=1,
-        seed=3,
-        tracker=BadSampleTracker(len(records), 0.25),
-    )
+    strict = tracked_loader(records, mapper, batch_size=4, seed=3, max_bad=0.25)
     with pytest.raises(BadDataError) as e:  # 3 of 10 > 2 allowed: raised in the main process
         for _ in zip(range(8), strict):
             pass
@@ -231,14 +215,7 @@ def test_bad_images_are_replaced_counted_and_stop_the_run_above_the_threshold(im
 def test_every_record_broken_stops_with_the_reasons_not_a_worker_traceback(images, tokenizer):
     mapper = CaptionDatasetMapper(caption_cfg(tokenizer), is_train=True)
     records = [record(images / n) for n in BROKEN[:2]]
-    loader = ResumableTrainLoader(
-        records,
-        mapper,
-        batch_size=2,
-        num_workers=1,
-        seed=0,
-        tracker=BadSampleTracker(len(records), 1.0),
-    )
+    loader = tracked_loader(records, mapper, batch_size=2, seed=0, max_bad=1.0)
     with pytest.raises(BadDataError, match="records in a row failed") as e:
         next(iter(loader))
     assert "truncated.jpg" in str(e.value) and "Traceback" in str(e.value)

@@ -15,11 +15,9 @@ import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_pascal_voc
 from detectron2.modeling import build_model
-from detectron2.solver import build_lr_scheduler
 from detectron2.utils.events import EventStorage
-from helpers import REPO, load_config, load_tool
+from helpers import REPO, learning_rates, load_config, load_tool
 from PIL import Image, ImageDraw
-from torch import nn
 
 import virtex_d2
 import virtex_d2.engine.features as features_mod
@@ -167,13 +165,7 @@ def test_linear_probe_schedule_starts_at_full_lr_and_halves_midway():
     lin = load_cfg(REPO / "configs/classification/imagenet_linear_R_50_virtex.yaml")
     # No warmup, then cosine: full LR at the start, half of it midway (one tiny optimiser).
     lin.merge_from_list(["SOLVER.MAX_ITER", 100])
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lin.SOLVER.BASE_LR)
-    sched = build_lr_scheduler(lin, opt)
-    lrs = []
-    for _ in range(51):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = learning_rates(lin, 51)
     assert lrs[0] == pytest.approx(0.3) and lrs[50] == pytest.approx(0.15, rel=1e-3)
 
 

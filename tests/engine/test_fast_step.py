@@ -18,6 +18,14 @@ from virtex_d2.solver import build_virtex_optimizer
 
 CONFIG = str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml")
 VOCAB = 40
+SMALL_HEAD = [
+    "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
+    "32",
+    "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
+    "2",
+    "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
+    "64",
+]
 
 
 def tiny_cfg(*opts):
@@ -30,12 +38,7 @@ def tiny_cfg(*opts):
             "cpu",
             "MODEL.VIRTEX.VOCAB_SIZE",
             str(VOCAB),
-            "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
-            "32",
-            "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
-            "2",
-            "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
-            "64",
+            *SMALL_HEAD,
             # Dropout draws different masks when both directions share one embedding call, and
             # zero-initialised residual norms would leave most backbone gradients exactly zero.
             "MODEL.VIRTEX.TEXTUAL_HEAD.DROPOUT",
@@ -264,12 +267,7 @@ def test_profile_attributes_forward_and_backward_to_parts():
             "6",
             "MODEL.VIRTEX.TOKENIZER",
             "synthetic://",
-            "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
-            "32",
-            "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
-            "2",
-            "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
-            "64",
+            *SMALL_HEAD,
             "INPUT.VIRTEX.CROP_SIZE",
             "32",
         ]

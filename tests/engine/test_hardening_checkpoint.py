@@ -15,7 +15,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.engine import AMPTrainer, HookBase
 from detectron2.modeling import build_model
-from helpers import REPO, load_config
+from helpers import REPO, load_config, tiny_run_opts
 
 from virtex_d2.config import ConfigError, add_virtex_config, merge_config_checked
 from virtex_d2.engine.checkpoint import (
@@ -32,36 +32,7 @@ MASK_RCNN = str(REPO / "configs" / "synthetic" / "mask_rcnn_R_18_FPN.yaml")
 
 
 def pretrain_opts(synthetic, out, iters=4, hidden=64):
-    return [
-        "MODEL.VIRTEX.TOKENIZER",
-        synthetic["tokenizer"],
-        "MODEL.VIRTEX.VOCAB_SIZE",
-        str(synthetic["vocab_size"]),
-        "MODEL.VIRTEX.TEXTUAL_HEAD.HIDDEN_SIZE",
-        str(hidden),
-        "MODEL.VIRTEX.TEXTUAL_HEAD.NUM_HEADS",
-        "2",
-        "MODEL.VIRTEX.TEXTUAL_HEAD.FEEDFORWARD_SIZE",
-        str(2 * hidden),
-        "INPUT.VIRTEX.CROP_SIZE",
-        "64",
-        "SOLVER.IMS_PER_BATCH",
-        "4",
-        "SOLVER.MAX_ITER",
-        str(iters),
-        "SOLVER.WARMUP_ITERS",
-        "2",
-        "SOLVER.CHECKPOINT_PERIOD",
-        "2",
-        "DATALOADER.NUM_WORKERS",
-        "0",
-        "DATASETS.TEST",
-        "()",
-        "OUTPUT_DIR",
-        str(out),
-        "SEED",
-        "7",
-    ]
+    return [*tiny_run_opts(synthetic, out, iters=iters, hidden=hidden), "DATASETS.TEST", "()"]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from helpers import (
     REPO,
     assert_same_final_state,
     kill_train_net_midway,
-    tiny_textual_head_opts,
+    tiny_run_opts,
     training_env,
 )
 
@@ -20,27 +20,9 @@ ITERS, KILL_AFTER = 8, 4  # checkpoints after iterations 1, 3, 5, 7: killed betw
 
 
 def opts(synthetic, out):
-    return [
-        *tiny_textual_head_opts(synthetic),
-        "INPUT.VIRTEX.CROP_SIZE",
-        "48",  # random crops, flips and colour jitter stay on
-        "SOLVER.IMS_PER_BATCH",
-        "4",
-        "SOLVER.MAX_ITER",
-        str(ITERS),
-        "SOLVER.WARMUP_ITERS",
-        "3",
-        "SOLVER.CHECKPOINT_PERIOD",
-        "2",
-        "DATALOADER.NUM_WORKERS",
-        "2",
-        "DATASETS.TEST",
-        "()",
-        "OUTPUT_DIR",
-        str(out),
-        "SEED",
-        "11",
-    ]
+    # 48 px: random crops, flips and colour jitter stay on.
+    run = tiny_run_opts(synthetic, out, iters=ITERS, crop=48, warmup=3, workers=2, seed=11)
+    return [*run, "DATASETS.TEST", "()"]
 
 
 def train_net(synthetic, out, *extra):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from helpers import REPO, load_config, tiny_textual_head_opts
+from helpers import REPO, load_config, tiny_run_opts
 
 VIRTEX_CONFIGS = sorted(
     glob.glob(str(REPO / "configs" / "pretrain" / "*.yaml"))
@@ -44,31 +44,15 @@ def test_every_pretraining_config_merges_and_builds(path):
 
 def small_opts(synthetic, out_dir, iters=4, batch=4):
     return [
-        *tiny_textual_head_opts(synthetic),
+        *tiny_run_opts(synthetic, out_dir, iters=iters, batch=batch),
         "MODEL.VIRTEX.DECODER.BEAM_SIZE",
         "2",
         "MODEL.VIRTEX.DECODER.MAX_LENGTH",
         "8",
-        "INPUT.VIRTEX.CROP_SIZE",
-        "64",
         "INPUT.VIRTEX.TEST_RESIZE",
         "64",
         "INPUT.VIRTEX.TEST_CROP_SIZE",
         "64",
-        "SOLVER.IMS_PER_BATCH",
-        str(batch),
-        "SOLVER.MAX_ITER",
-        str(iters),
-        "SOLVER.WARMUP_ITERS",
-        "2",
-        "SOLVER.CHECKPOINT_PERIOD",
-        "2",
-        "DATALOADER.NUM_WORKERS",
-        "0",
-        "OUTPUT_DIR",
-        str(out_dir),
-        "SEED",
-        "7",
     ]
 
 

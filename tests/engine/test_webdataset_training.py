@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import torch
-from helpers import REPO, sigkill_when_marker_appears, tiny_textual_head_opts
+from helpers import REPO, sigkill_when_marker_appears, tiny_run_opts
 
 CONFIG = str(REPO / "configs" / "synthetic" / "bicaptioning_R_18.yaml")
 ITERS, KILL_AFTER = 7, 3  # checkpoints after iterations 1, 3, 5, 6: killed between 3 and 5
@@ -71,30 +71,18 @@ def child_script(tmp_path, log, kill_after=-1):
 
 
 def opts(synthetic, shards, out, batch=4):
+    # 48 px: random crops, flips and colour jitter stay on.
+    run = tiny_run_opts(
+        synthetic, out, iters=ITERS, batch=batch, crop=48, warmup=3, workers=2, seed=11
+    )
     return [
-        *tiny_textual_head_opts(synthetic),
+        *run,
         "DATASETS.TRAIN",
         f"('webdataset:{shards['pattern']}',)",
         "DATASETS.TEST",
         "()",
-        "INPUT.VIRTEX.CROP_SIZE",
-        "48",  # random crops, flips and colour jitter stay on
-        "SOLVER.IMS_PER_BATCH",
-        str(batch),
-        "SOLVER.MAX_ITER",
-        str(ITERS),
-        "SOLVER.WARMUP_ITERS",
-        "3",
-        "SOLVER.CHECKPOINT_PERIOD",
-        "2",
-        "DATALOADER.NUM_WORKERS",
-        "2",
         "DATALOADER.VIRTEX_SHUFFLE_BUFFER",
         "8",
-        "OUTPUT_DIR",
-        str(out),
-        "SEED",
-        "11",
     ]
 
 

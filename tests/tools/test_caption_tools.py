@@ -58,6 +58,11 @@ def trained(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------- test files
+def model_argv(trained) -> list[str]:
+    """The tools' model arguments for the trained fixture."""
+    return ["--config-file", str(trained["config"]), "--weights", str(trained["weights"])]
+
+
 def _jpeg(path: Path, size=(40, 30), exif=None) -> Path:
     w, h = size
     arr = np.zeros((h, w, 3), np.uint8)
@@ -167,10 +172,7 @@ def test_caption_images_tool_skips_bad_files(trained, tmp_path, capsys, caplog):
     out = tmp_path / "out" / "preds.json"
     tool = load_tool("caption_images")
     argv = [
-        "--config-file",
-        str(trained["config"]),
-        "--weights",
-        str(trained["weights"]),
+        *model_argv(trained),
         "--input",
         str(folder),
         "--output",
@@ -202,10 +204,7 @@ def test_caption_images_tool_skips_bad_files(trained, tmp_path, capsys, caplog):
 def test_caption_images_tool_errors(trained, tmp_path, capsys):
     tool = load_tool("caption_images")
     base = [
-        "--config-file",
-        str(trained["config"]),
-        "--weights",
-        str(trained["weights"]),
+        *model_argv(trained),
         "--output",
         str(tmp_path / "p.json"),
     ]
@@ -345,10 +344,7 @@ def test_visualize_attention_tool(trained, tmp_path, capsys):
     image = sorted((COCO_TINY / "val2017").glob("*.jpg"))[2]
     out = tmp_path / "attention"
     argv = [
-        "--config-file",
-        str(trained["config"]),
-        "--weights",
-        str(trained["weights"]),
+        *model_argv(trained),
         "--input",
         str(image),
         "--output",
